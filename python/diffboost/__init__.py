@@ -1,0 +1,17 @@
+"""diffboost: GPU kernels and compression methods that make diffusers pipelines faster and smaller, in place.
+
+    import diffboost
+    diffboost.patch(pipe, attention="int8")   # fused INT8-QK attention in every denoiser
+    image = pipe(prompt).images[0]
+    diffboost.unpatch(pipe)                   # the pipeline is exactly as it was
+
+Kernels are reachable directly too: :func:`diffboost.ops.attention`. ``diffboost info`` (or
+``python -m diffboost info``) says which backend each op uses on this machine and why faster ones don't run.
+"""
+
+__version__ = "0.1.0"
+
+from diffboost import ops
+from diffboost.patching import AttentionConfig, patch, unpatch
+
+__all__ = ["AttentionConfig", "__version__", "ops", "patch", "unpatch"]

@@ -1,0 +1,1 @@
+"""Integrations with diffusers: each feature's config and its install/uninstall on a model."""

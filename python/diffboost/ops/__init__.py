@@ -1,0 +1,26 @@
+"""diffboost ops: each a torch.library custom op with a backend registry (see :mod:`diffboost.ops.registry`).
+
+Importing this package registers the built-in ops. ``diffboost info`` lists, for each op, the backend that will run
+here and why each faster one will not.
+"""
+
+from diffboost.ops.attention import attention, attention_reference
+from diffboost.ops.registry import (
+    Backend,
+    BackendUnavailableError,
+    Op,
+    dispatch_log,
+    get_op,
+    registered_ops,
+)
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "Op",
+    "attention",
+    "attention_reference",
+    "dispatch_log",
+    "get_op",
+    "registered_ops",
+]
