@@ -12,6 +12,7 @@ Kernels are reachable directly too: :func:`diffboost.ops.attention`. ``diffboost
 __version__ = "0.1.0"
 
 from diffboost import ops
-from diffboost.patching import AttentionConfig, patch, unpatch
+from diffboost.integrations.attention import AttentionConfig
+from diffboost.patching import is_patched, patch, unpatch
 
-__all__ = ["AttentionConfig", "__version__", "ops", "patch", "unpatch"]
+__all__ = ["AttentionConfig", "__version__", "is_patched", "ops", "patch", "unpatch"]

@@ -1,29 +1,66 @@
 """``diffboost.patch`` / ``diffboost.unpatch``: apply features to a diffusers pipeline (or a bare model) in place.
 
-Each feature is a config plus an install/uninstall pair (see :mod:`diffboost.integrations`). ``patch`` first undoes
+A feature (attention, step caching, quantization, linear attention) is a config plus an install/uninstall pair,
+registered here with :func:`register_feature` by its module in :mod:`diffboost.integrations`. ``patch`` first undoes
 whatever diffboost installed before (so patching twice is safe and the last call wins), then installs the requested
-features on the pipeline's denoisers. Only instances are touched: original objects (processors, modules) are kept
-and put back by ``unpatch``, so the pipeline computes bit for bit what it did before.
+features in their registered order (layer replacements before processors, processors before forward wrappers).
+Only instances are touched: original objects (processors, modules, forwards) are kept and put back by ``unpatch`` in
+reverse order, so the pipeline computes bit for bit what it did before.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+import dataclasses
+from typing import Any, Callable
 
 import torch
 
-from diffboost.integrations import attention as _attention
-from diffboost.integrations.attention import AttentionConfig
-
-__all__ = ["AttentionConfig", "denoisers", "is_patched", "patch", "unpatch"]
+__all__ = ["Feature", "denoisers", "is_patched", "patch", "register_feature", "unpatch"]
 
 _STATE_ATTR = "_diffboost_patches"
 # Pipeline components that run at every denoising step; the VAE and text encoders run once per image.
 DENOISER_NAMES = ("unet", "transformer", "controlnet")
 
 
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One keyword of :func:`patch`.
+
+    Attributes:
+        name: the keyword (``"attention"``, ``"cache"``, ...).
+        order: install order; lower installs first (and is removed last).
+        coerce: turns the user's value (a string, int or config) into the feature's config, raising TypeError /
+            ValueError that name the keyword and what it accepts.
+        install: ``install(pipe, config) -> state``; everything needed to undo it goes in ``state``.
+        uninstall: ``uninstall(pipe, state)``; restores exactly what ``install`` changed.
+    """
+
+    name: str
+    order: int
+    coerce: Callable[[Any], Any]
+    install: Callable[[Any, Any], Any]
+    uninstall: Callable[[Any, Any], None]
+
+
+_FEATURES: dict[str, Feature] = {}
+
+
+def register_feature(feature: Feature) -> Feature:
+    """Make ``feature.name`` a keyword of :func:`patch`."""
+    if feature.name in _FEATURES:
+        raise ValueError(f"diffboost feature {feature.name!r} is already registered")
+    _FEATURES[feature.name] = feature
+    return feature
+
+
+def _features() -> list[Feature]:
+    import diffboost.integrations  # noqa: F401  (registers the built-in features)
+
+    return sorted(_FEATURES.values(), key=lambda f: f.order)
+
+
 def denoisers(pipe_or_model: Any, include_vae: bool = False) -> dict[str, torch.nn.Module]:
-    """The modules diffboost patches: ``name -> module``. A bare ``nn.Module`` is its own denoiser."""
+    """The modules diffboost patches: ``name -> module``. A bare ``nn.Module`` is its own denoiser (name ``""``)."""
     if isinstance(pipe_or_model, torch.nn.Module):
         return {"": pipe_or_model}
     names = DENOISER_NAMES + (("vae",) if include_vae else ())
@@ -40,36 +77,35 @@ def denoisers(pipe_or_model: Any, include_vae: bool = False) -> dict[str, torch.
     return found
 
 
-def _attention_config(value: Union[str, AttentionConfig]) -> AttentionConfig:
-    if isinstance(value, AttentionConfig):
-        return value
-    if isinstance(value, str):
-        return AttentionConfig(precision=value)
-    raise TypeError(
-        f"diffboost.patch: attention must be 'exact', 'int8' or a diffboost.AttentionConfig, got {type(value).__name__}"
-    )
-
-
-def patch(pipe: Any, *, attention: Union[str, AttentionConfig, None] = None) -> Any:
+def patch(pipe: Any, **features: Any) -> Any:
     """Make ``pipe`` faster in place and return it.
 
     Args:
         pipe: a diffusers pipeline (its ``unet`` / ``transformer`` / ``controlnet`` are patched) or a denoiser module.
-        attention: ``"exact"``, ``"int8"`` or an :class:`AttentionConfig`: fused Triton attention in every supported
-            attention layer. ``None`` leaves attention alone.
+        attention: ``"exact"``, ``"int8"`` or a :class:`diffboost.AttentionConfig`: fused Triton attention in every
+            supported attention layer of the denoisers.
+        Other keywords are listed by ``diffboost info`` (each feature registers one). ``None`` leaves a feature off.
 
-    Calling ``patch`` again replaces the previous patch; :func:`unpatch` restores the original exactly.
+    Calling ``patch`` again replaces the previous patch; :func:`unpatch` restores the original exactly. If a
+    feature fails to install, the ones already installed are removed again before the error propagates.
     """
+    known = {f.name: f for f in _features()}
+    unknown = sorted(set(features) - set(known))
+    if unknown:
+        raise TypeError(f"diffboost.patch: unknown keyword(s) {', '.join(unknown)}; supported: {', '.join(known)}")
+    configs = {name: known[name].coerce(value) for name, value in features.items() if value is not None}
     unpatch(pipe)
-    state: dict[str, Any] = {}
-    if attention is not None:
-        config = _attention_config(attention)
-        changed = []
-        for name, module in denoisers(pipe, include_vae=config.include_vae).items():
-            changed += _attention.install(module, config, prefix=name)
-        state["attention"] = changed
-    if state:
-        setattr(pipe, _STATE_ATTR, state)
+    state: list[tuple[str, Any]] = []
+    setattr(pipe, _STATE_ATTR, state)
+    try:
+        for feature in _features():
+            if feature.name in configs:
+                state.append((feature.name, feature.install(pipe, configs[feature.name])))
+    except BaseException:
+        unpatch(pipe)
+        raise
+    if not state:
+        delattr(pipe, _STATE_ATTR)
     return pipe
 
 
@@ -78,8 +114,10 @@ def unpatch(pipe: Any) -> Any:
     state = getattr(pipe, _STATE_ATTR, None)
     if state is None:
         return pipe
-    if "attention" in state:
-        _attention.uninstall(state.pop("attention"))
+    while state:
+        name, feature_state = state[-1]
+        _FEATURES[name].uninstall(pipe, feature_state)
+        state.pop()
     delattr(pipe, _STATE_ATTR)
     return pipe
 
@@ -87,3 +125,8 @@ def unpatch(pipe: Any) -> Any:
 def is_patched(pipe: Any) -> bool:
     """Whether ``pipe`` currently carries diffboost patches."""
     return getattr(pipe, _STATE_ATTR, None) is not None
+
+
+def patched_features(pipe: Any) -> list[str]:
+    """Names of the features currently installed on ``pipe``, in install order."""
+    return [name for name, _ in getattr(pipe, _STATE_ATTR, [])]

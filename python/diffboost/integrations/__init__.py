@@ -1,1 +1,4 @@
-"""Integrations with diffusers: each feature's config and its install/uninstall on a model."""
+"""Integrations with diffusers: each module defines a feature's config, its install/uninstall on a model, and
+registers it as a keyword of :func:`diffboost.patch`. Importing this package registers them all."""
+
+from diffboost.integrations import attention  # noqa: F401

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from diffboost.ops.attention import ATTENTION_OP, attention
+from diffboost.patching import Feature, denoisers, register_feature
 
 logger = logging.getLogger("diffboost")
 
@@ -244,3 +245,31 @@ def uninstall(changed: list[tuple[torch.nn.Module, Any]]) -> None:
     """Put back the original processor objects recorded by :func:`install`."""
     for module, original in changed:
         module.set_processor(original)
+
+
+def _coerce(value: Any) -> AttentionConfig:
+    if isinstance(value, AttentionConfig):
+        return value
+    if isinstance(value, str):
+        return AttentionConfig(precision=value)
+    raise TypeError(
+        f"diffboost.patch: attention must be 'exact', 'int8' or a diffboost.AttentionConfig, got {type(value).__name__}"
+    )
+
+
+def _install_on_pipe(pipe: Any, config: AttentionConfig) -> list[tuple[torch.nn.Module, Any]]:
+    changed = []
+    for name, module in denoisers(pipe, include_vae=config.include_vae).items():
+        changed += install(module, config, prefix=name)
+    return changed
+
+
+register_feature(
+    Feature(
+        name="attention",
+        order=30,  # after features that replace whole layers (quantization, linear attention)
+        coerce=_coerce,
+        install=_install_on_pipe,
+        uninstall=lambda pipe, changed: uninstall(changed),
+    )
+)
