@@ -89,6 +89,7 @@ def patch(pipe: Any, **features: Any) -> Any:
     Calling ``patch`` again replaces the previous patch; :func:`unpatch` restores the original exactly. If a
     feature fails to install, the ones already installed are removed again before the error propagates.
     """
+    denoisers(pipe)  # fail on something that is neither a pipeline nor a model before touching it
     known = {f.name: f for f in _features()}
     unknown = sorted(set(features) - set(known))
     if unknown:

@@ -106,7 +106,10 @@ class Backend:
     description: str = ""
 
     def environment_reasons(self, device: torch.device) -> list[str]:
-        """Reasons that depend only on the machine and device, not on the inputs."""
+        """Reasons that depend only on the machine and device, not on the inputs (cached: dispatch runs per call)."""
+        return list(_environment_reasons(self, device))
+
+    def _compute_environment_reasons(self, device: torch.device) -> tuple[str, ...]:
         reasons: list[str] = []
         runs_on_cpu_via_interpreter = "triton" in self.needs and triton_interpreting()
         if device.type not in self.devices and not (device.type == "cpu" and runs_on_cpu_via_interpreter):
@@ -117,7 +120,7 @@ class Backend:
             if cap < self.min_capability:
                 want = "%d.%d" % self.min_capability
                 reasons.append(f"needs compute capability >= {want}, device has {cap[0]}.{cap[1]}")
-        return reasons
+        return tuple(reasons)
 
     def why_not(self, device: torch.device, dtype: torch.dtype, *args: Any, **kwargs: Any) -> list[str]:
         """All reasons this backend cannot run these inputs; an empty list means it can."""
@@ -128,6 +131,11 @@ class Backend:
         if self.check is not None and not reasons:  # shape checks may assume the environment is sane
             reasons += self.check(*args, **kwargs)
         return reasons
+
+
+@functools.lru_cache(maxsize=None)
+def _environment_reasons(backend: Backend, device: torch.device) -> tuple[str, ...]:
+    return backend._compute_environment_reasons(device)
 
 
 _dispatch_lock = threading.Lock()
