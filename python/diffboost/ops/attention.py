@@ -162,7 +162,10 @@ def _triton_impl(query, key, value, attn_mask, is_causal, scale, precision, retu
     b, h, lq, _ = query.shape
     out = _empty_like_layout(query, value.shape[-1])
     lse = torch.empty(b, h, lq, device=query.device, dtype=torch.float32) if return_lse else None
-    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+    # Triton launches on the current CUDA device; switch only when the inputs live on another one (the switch costs
+    # more than a small attention call).
+    other_device = query.is_cuda and query.device.index != torch.cuda.current_device()
+    with torch.cuda.device(query.device) if other_device else contextlib.nullcontext():
         kernels.attention_fwd(
             query, key, value, out,
             mask=_expand_mask(attn_mask, (b, h, lq, key.shape[2])),
@@ -229,6 +232,13 @@ ATTENTION_OP.register(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _run(query, key, value, attn_mask, is_causal, scale, precision, return_lse, backend, smooth_k):
+    """Dispatch and run; returns ``(out, lse or None)``."""
+    args = (query, key, value, attn_mask, is_causal, scale, precision, return_lse, smooth_k)
+    chosen = ATTENTION_OP.select(query.device, query.dtype, *args, backend=backend)
+    return chosen.impl(*args)
+
+
 @torch.library.custom_op("diffboost::attention", mutates_args=())
 def _attention_op(
     query: torch.Tensor,
@@ -242,12 +252,10 @@ def _attention_op(
     backend: str,
     smooth_k: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (query, key, value, attn_mask, is_causal, scale, precision, return_lse, smooth_k)
-    chosen = ATTENTION_OP.select(query.device, query.dtype, *args, backend=backend)
-    out, lse = chosen.impl(*args)
+    out, lse = _run(query, key, value, attn_mask, is_causal, scale, precision, return_lse, backend, smooth_k)
     if out.stride() != _layout_strides(query, value.shape[-1]):  # keep the layout the fake implementation promised
         out = _empty_like_layout(query, value.shape[-1]).copy_(out)
-    if lse is None:
+    if lse is None:  # the schema has no optional outputs
         lse = query.new_empty((0,), dtype=torch.float32)
     return out, lse
 
@@ -356,7 +364,11 @@ def attention(
             query, key, value, attn_mask, is_causal, scale, precision=precision, smooth_k=smooth_k
         )
         return (out, lse) if return_lse else out
-    out, lse = torch.ops.diffboost.attention(
-        query, key, value, attn_mask, is_causal, scale, precision, return_lse, backend, smooth_k
-    )
+    args = (query, key, value, attn_mask, is_causal, scale, precision, return_lse, backend, smooth_k)
+    # Under torch.compile the op is one opaque node with a fake implementation; in eager mode the same code runs
+    # without the torch.library dispatch layers, which cost more than a small attention call itself.
+    if torch.compiler.is_compiling():
+        out, lse = torch.ops.diffboost.attention(*args)
+    else:
+        out, lse = _run(*args)
     return (out, lse) if return_lse else out

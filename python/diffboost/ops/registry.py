@@ -105,9 +105,16 @@ class Backend:
     check: Callable[..., list[str]] | None = None
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # Per-device cache of environment_reasons: dispatch runs on every call and the machine doesn't change.
+        object.__setattr__(self, "_environment_cache", {})
+
     def environment_reasons(self, device: torch.device) -> list[str]:
-        """Reasons that depend only on the machine and device, not on the inputs (cached: dispatch runs per call)."""
-        return list(_environment_reasons(self, device))
+        """Reasons that depend only on the machine and device, not on the inputs (cached per device)."""
+        cached = self._environment_cache.get(device)
+        if cached is None:
+            cached = self._environment_cache[device] = self._compute_environment_reasons(device)
+        return list(cached)
 
     def _compute_environment_reasons(self, device: torch.device) -> tuple[str, ...]:
         reasons: list[str] = []
@@ -133,11 +140,6 @@ class Backend:
         return reasons
 
 
-@functools.lru_cache(maxsize=None)
-def _environment_reasons(backend: Backend, device: torch.device) -> tuple[str, ...]:
-    return backend._compute_environment_reasons(device)
-
-
 _dispatch_lock = threading.Lock()
 # (op, chosen backend, device type, dtype, ((skipped backend, reasons), ...)) -> number of calls
 _dispatch_log: dict[tuple, int] = {}
@@ -153,7 +155,7 @@ def dispatch_log() -> list[dict[str, Any]]:
             "op": op,
             "backend": chosen,
             "device": device,
-            "dtype": dtype,
+            "dtype": str(dtype).replace("torch.", ""),
             "skipped": {name: list(reasons) for name, reasons in skipped},
             "calls": calls,
         }
@@ -211,7 +213,7 @@ class Op:
         raise BackendUnavailableError(f"{self.name}: no backend can run these inputs:\n{lines}")
 
     def _record(self, chosen: Backend, device: torch.device, dtype: torch.dtype, skipped: tuple) -> None:
-        key = (self.name, chosen.name, device.type, str(dtype).replace("torch.", ""), skipped)
+        key = (self.name, chosen.name, device.type, dtype, skipped)
         with _dispatch_lock:
             first = key not in _dispatch_log
             _dispatch_log[key] = _dispatch_log.get(key, 0) + 1
@@ -219,7 +221,7 @@ class Op:
             why = "; ".join(f"{name}: {', '.join(r)}" for name, r in skipped)
             # On a GPU a skipped fast path is news the user should see; on CPU it is the expected state of affairs.
             level = logging.WARNING if device.type == "cuda" else logging.INFO
-            logger.log(level, "%s on %s/%s runs %r (%s)", self.name, key[2], key[3], chosen.name, why)
+            logger.log(level, "%s on %s/%s runs %r (%s)", self.name, device.type, dtype, chosen.name, why)
 
     def explain(self, device: torch.device) -> list[tuple[str, list[str]]]:
         """Per backend, the environment reasons it cannot run on ``device`` (input-independent part of why_not)."""
