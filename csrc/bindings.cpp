@@ -16,6 +16,7 @@
 #include "cpu/simd_selftest.h"
 #include "cuda/cuda_info.h"
 #include "diffboost_build_config.h"
+#include "w4a4/w4a4_cpu.h"
 
 namespace py = pybind11;
 
@@ -106,6 +107,65 @@ std::int64_t simd_selftest(std::string_view level_name, const py::bytes& a_bytes
                             reinterpret_cast<const std::int8_t*>(b.data()), a.size());
 }
 
+// "auto" is the level runtime dispatch picks; otherwise a level name, which
+// the W4A4 functions reject if it is not compiled in or not supported.
+cpu::SimdLevel w4a4_level(std::string_view name) {
+  if (name == "auto") return cpu::best_simd_level();
+  const auto level = cpu::simd_level_from_name(name);
+  if (!level) throw std::invalid_argument("w4a4: unknown SIMD level '" + std::string(name) + "'");
+  return *level;
+}
+
+template <class T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void w4a4_quantize_cpu(std::string_view level, std::uintptr_t x, int x_dtype, std::int64_t m, std::int64_t k,
+                       std::int64_t x_stride, std::uintptr_t smooth, std::uintptr_t down, std::int64_t rank,
+                       std::int64_t group, std::uintptr_t qx, std::uintptr_t ascales, std::uintptr_t lr, int threads) {
+  cpu::w4a4::QuantizeArgs args{};
+  args.x = as_ptr<const void>(x);
+  args.x_dtype = x_dtype;
+  args.m = m;
+  args.k = k;
+  args.x_stride = x_stride;
+  args.down = as_ptr<const float>(down);
+  args.rank = rank;
+  args.group = group;
+  args.qx = as_ptr<std::uint8_t>(qx);
+  args.ascales = as_ptr<float>(ascales);
+  args.lr = as_ptr<float>(lr);
+  const cpu::SimdLevel simd = w4a4_level(level);
+  py::gil_scoped_release no_gil;
+  cpu::w4a4::quantize(simd, args, as_ptr<const float>(smooth), threads);
+}
+
+void w4a4_gemm_cpu(std::string_view level, std::uintptr_t qx, std::uintptr_t ascales, std::int64_t m,
+                   std::uintptr_t qw, std::uintptr_t wscales, std::int64_t n, std::int64_t k, std::int64_t group,
+                   std::uintptr_t lr, std::uintptr_t up, std::int64_t rank, std::uintptr_t bias, std::uintptr_t out,
+                   int out_dtype, std::int64_t out_stride, int threads) {
+  cpu::w4a4::GemmArgs args{};
+  args.qx = as_ptr<const std::uint8_t>(qx);
+  args.ascales = as_ptr<const float>(ascales);
+  args.m = m;
+  args.qw = as_ptr<const std::uint8_t>(qw);
+  args.wscales = as_ptr<const float>(wscales);
+  args.n = n;
+  args.k = k;
+  args.group = group;
+  args.lr = as_ptr<const float>(lr);
+  args.up = as_ptr<const float>(up);
+  args.rank = rank;
+  args.bias = as_ptr<const float>(bias);
+  args.out = as_ptr<void>(out);
+  args.out_dtype = out_dtype;
+  args.out_stride = out_stride;
+  const cpu::SimdLevel simd = w4a4_level(level);
+  py::gil_scoped_release no_gil;
+  cpu::w4a4::gemm(simd, args, threads);
+}
+
 }  // namespace
 }  // namespace diffboost
 
@@ -126,4 +186,21 @@ PYBIND11_MODULE(_C, m, py::mod_gil_not_used()) {
         "Dot product of a and b (bytes, read as int8 vectors of equal length) computed with the given SIMD "
         "level's kernel ('scalar', 'avx2', 'avx512_vnni'). Raises ValueError if the level is unknown or not "
         "compiled in, RuntimeError if this CPU cannot run it.");
+
+  m.def("w4a4_quantize_cpu", &diffboost::w4a4_quantize_cpu, py::arg("level"), py::arg("x"), py::arg("x_dtype"),
+        py::arg("m"), py::arg("k"), py::arg("x_stride"), py::arg("smooth"), py::arg("down"), py::arg("rank"),
+        py::arg("group"), py::arg("qx"), py::arg("ascales"), py::arg("lr"), py::arg("threads"),
+        "W4A4 activation pass on the CPU (layout: diffboost.ops.w4a4). Pointers are addresses (0 = absent): x "
+        "[m, k] fp32 (x_dtype 0) or bf16 (1) with row stride x_stride; smooth [k] and down [k, rank] fp32; "
+        "outputs qx uint8 [m, k/2], ascales fp32 [k/group, m], lr fp32 [m, rank]. level: 'auto' or a SIMD level "
+        "name. Runs on `threads` threads without the GIL. ValueError for inconsistent sizes or a level not "
+        "compiled in, RuntimeError if this CPU cannot run the level.");
+
+  m.def("w4a4_gemm_cpu", &diffboost::w4a4_gemm_cpu, py::arg("level"), py::arg("qx"), py::arg("ascales"),
+        py::arg("m"), py::arg("qw"), py::arg("wscales"), py::arg("n"), py::arg("k"), py::arg("group"),
+        py::arg("lr"), py::arg("up"), py::arg("rank"), py::arg("bias"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("out_stride"), py::arg("threads"),
+        "W4A4 GEMM on the CPU (layout: diffboost.ops.w4a4): out [m, n] (row stride out_stride, fp32 or bf16 per "
+        "out_dtype) = sum over groups of qx . qw times ascales * wscales + lr @ up + bias, with wscales "
+        "[k/group, n], lr [m, rank], up [rank, n] and bias [n] in fp32 (0 = absent). Errors as w4a4_quantize_cpu.");
 }

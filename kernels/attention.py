@@ -155,9 +155,11 @@ def _attn_tile(
             k_scale = tl.load(ks_base + offs_n)
         else:
             k_scale = tl.load(ks_base + offs_n, mask=col_ok, other=0.0)
-        s = s.to(tl.float32) * (q_scale[:, None] * k_scale[None, :])
+        s = s.to(tl.float32) * (q_scale[:, None] * k_scale[None, :])  # already in the scaled log2 domain
+        scale = 1.0
     else:
-        s = s * qk_scale
+        # Scaling is folded into exp2's argument below (one FMA per score instead of a multiply and a subtract).
+        scale = qk_scale
 
     if MASK_KIND != 0:
         m_ptrs = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
@@ -166,17 +168,19 @@ def _attn_tile(
             keep = tl.load(m_ptrs, mask=m_ok, other=0) != 0
             s = tl.where(keep, s, float("-inf"))
         else:
-            s += tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = s * scale + tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            scale = 1.0
     if not EVEN:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
 
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # -inf stays -inf under the positive scale (the op requires scale > 0 for this kernel).
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
     # A row that has seen only masked keys keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(s - m_shift[:, None])
+    p = tl.math.exp2(s * scale - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
     v0_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd

@@ -2,3 +2,5 @@
 registers it as a keyword of :func:`diffboost.patch`. Importing this package registers them all."""
 
 from diffboost.integrations import attention  # noqa: F401
+from diffboost.integrations import cache  # noqa: F401
+from diffboost.integrations import linear_attention  # noqa: F401

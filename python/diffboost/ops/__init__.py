@@ -13,6 +13,7 @@ from diffboost.ops.registry import (
     get_op,
     registered_ops,
 )
+from diffboost.ops.w4a4 import w4a4_gemm, w4a4_linear, w4a4_quantize_act
 
 __all__ = [
     "Backend",
@@ -23,4 +24,7 @@ __all__ = [
     "dispatch_log",
     "get_op",
     "registered_ops",
+    "w4a4_gemm",
+    "w4a4_linear",
+    "w4a4_quantize_act",
 ]

@@ -172,7 +172,10 @@ def _rank(lora: Optional[torch.Tensor], dim: int) -> int:
 
 
 def _cuda_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    # Triton launches on the current CUDA device; switch only when the inputs live on another one (the switch
+    # costs more than a small layer).
+    other_device = t.is_cuda and t.device.index != torch.cuda.current_device()
+    return torch.cuda.device(t.device) if other_device else contextlib.nullcontext()
 
 
 def _quantize_outputs(x: torch.Tensor, group_size: int, rank: int):
@@ -305,6 +308,26 @@ W4A4_GEMM_OP.register(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _run_quantize(x, smooth, lora_down, group_size, backend):
+    args = (x, smooth, lora_down, group_size)
+    return W4A4_QUANTIZE_OP.select(x.device, x.dtype, *args, backend=backend).impl(*args)
+
+
+def _run_gemm(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, backend):
+    args = (qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
+    return W4A4_GEMM_OP.select(qx.device, out_dtype, *args, backend=backend).impl(*args)
+
+
+# Under torch.compile each op is one opaque node with a fake implementation; in eager mode the same code runs without
+# the torch.library dispatch layers, which cost more than a small layer itself.
+def _quantize_entry():
+    return torch.ops.diffboost.w4a4_quantize_act if torch.compiler.is_compiling() else _run_quantize
+
+
+def _gemm_entry():
+    return torch.ops.diffboost.w4a4_gemm if torch.compiler.is_compiling() else _run_gemm
+
+
 @torch.library.custom_op("diffboost::w4a4_quantize_act", mutates_args=())
 def _quantize_op(
     x: torch.Tensor,
@@ -313,8 +336,7 @@ def _quantize_op(
     group_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (x, smooth, lora_down, group_size)
-    return W4A4_QUANTIZE_OP.select(x.device, x.dtype, *args, backend=backend).impl(*args)
+    return _run_quantize(x, smooth, lora_down, group_size, backend)
 
 
 @_quantize_op.register_fake
@@ -339,8 +361,7 @@ def _gemm_op(
     out_dtype: torch.dtype,
     backend: str,
 ) -> torch.Tensor:
-    args = (qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
-    return W4A4_GEMM_OP.select(qx.device, out_dtype, *args, backend=backend).impl(*args)
+    return _run_gemm(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, backend)
 
 
 @_gemm_op.register_fake
@@ -394,7 +415,7 @@ def _validate_quantize(fn: str, x, group_size, smooth, lora_down) -> None:
         raise ValueError(f"{fn}: x dtype {x.dtype} not supported ({_dtype_names(_FLOAT_DTYPES)})")
     _check_group_size(fn, group_size)
     k = x.shape[-1] if x.dim() else 0
-    if x.dim() < 1 or k % group_size:
+    if x.dim() < 1 or k == 0 or k % group_size:
         raise ValueError(
             f"{fn}: x's last dim (in_features) {k} must be a positive multiple of group_size={group_size}"
         )
@@ -432,10 +453,11 @@ def w4a4_quantize_act(
         raise ValueError(f"{fn}: x must be 2-D [M, K], got shape {list(x.shape)} (w4a4_linear flattens for you)")
     if x.stride(1) != 1:
         raise ValueError(f"{fn}: x must have unit stride along K, got strides {x.stride()}")
-    return torch.ops.diffboost.w4a4_quantize_act(x, smooth, lora_down, group_size, backend)
+    return _quantize_entry()(x, smooth, lora_down, group_size, backend)
 
 
-def _validate_gemm(fn, qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype) -> None:
+def _validate_weights(fn, qweight, wscales, lora_up, bias) -> tuple[int, int, int]:
+    """Checks the layer's tensors; returns ``(N, K, groups)``."""
     _check_tensor(fn, "qweight", qweight, (torch.uint8,), (None, None), qweight.device)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     device = qweight.device
@@ -446,15 +468,21 @@ def _validate_gemm(fn, qx, ascales, qweight, wscales, lora_act, lora_up, bias, o
             f"{fn}: wscales has {groups} groups for K={k}; the group size K/groups must be one of "
             f"{', '.join(map(str, GROUP_SIZES))}"
         )
-    _check_tensor(fn, "qx", qx, (torch.uint8,), (None, k // 2), device)
-    _check_tensor(fn, "ascales", ascales, (torch.float32,), (groups, qx.shape[0]), device)
-    _check_lora_pair(fn, lora_act, lora_up, "lora_act and lora_up")
     if lora_up is not None:
         _check_tensor(fn, "lora_up", lora_up, _FLOAT_DTYPES, (None, n), device)
         _check_rank(fn, "lora_up", lora_up.shape[0])
-        _check_tensor(fn, "lora_act", lora_act, (torch.float32,), (qx.shape[0], lora_up.shape[0]), device)
     if bias is not None:
         _check_tensor(fn, "bias", bias, _FLOAT_DTYPES, (n,), device)
+    return n, k, groups
+
+
+def _validate_gemm(fn, qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype) -> None:
+    _n, k, groups = _validate_weights(fn, qweight, wscales, lora_up, bias)
+    _check_tensor(fn, "qx", qx, (torch.uint8,), (None, k // 2), qweight.device)
+    _check_tensor(fn, "ascales", ascales, (torch.float32,), (groups, qx.shape[0]), qweight.device)
+    _check_lora_pair(fn, lora_act, lora_up, "lora_act and lora_up")
+    if lora_up is not None:
+        _check_tensor(fn, "lora_act", lora_act, (torch.float32,), (qx.shape[0], lora_up.shape[0]), qweight.device)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{fn}: out_dtype {out_dtype} not supported ({_dtype_names(_FLOAT_DTYPES)})")
 
@@ -476,7 +504,7 @@ def w4a4_gemm(
     Args:
         qx, ascales: from :func:`w4a4_quantize_act` (``uint8 [M, K/2]``, ``fp32 [K/G, M]``).
         qweight, wscales: the layer's packed weight ``uint8 [N, K/2]`` and scales ``[K/G, N]``.
-        lora_act, lora_up: ``fp32 [M, r]`` and ``[N, r]``-transposed ``[r, N]``, both or neither.
+        lora_act, lora_up: ``fp32 [M, r]`` (from the activation pass) and ``[r, N]``, both or neither.
         bias: ``[N]`` or None.
         out_dtype: fp16, bf16 or fp32.
         backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"reference"``.
@@ -485,9 +513,7 @@ def w4a4_gemm(
         ``[M, N]`` in ``out_dtype``.
     """
     _validate_gemm("w4a4_gemm", qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
-    return torch.ops.diffboost.w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, backend
-    )
+    return _gemm_entry()(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, backend)
 
 
 def w4a4_linear(
@@ -513,29 +539,20 @@ def w4a4_linear(
         ``[..., N]`` in x's dtype.
     """
     fn = "w4a4_linear"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(qweight, torch.Tensor) or not isinstance(wscales, torch.Tensor):
-        raise TypeError(f"{fn}: qweight and wscales must be torch.Tensors")
-    k = qweight.shape[-1] * 2 if qweight.dim() == 2 else -1
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{fn}: x's last dim {x.shape[-1] if x.dim() else None} differs from the layer's K={k}")
-    groups = wscales.shape[0] if wscales.dim() == 2 else 0
-    group_size = k // groups if groups and k % groups == 0 else -1
+    _n, k, groups = _validate_weights(fn, qweight, wscales, lora_up, bias)
     _check_lora_pair(fn, lora_down, lora_up, "lora_down and lora_up")
-    _validate_quantize(fn, x, group_size, smooth, lora_down)
-    if lora_down is not None and lora_up is not None and lora_down.shape[1] != lora_up.shape[0]:
-        raise ValueError(f"{fn}: lora_down rank {lora_down.shape[1]} differs from lora_up rank {lora_up.shape[0]}")
+    if isinstance(x, torch.Tensor) and (x.dim() < 1 or x.shape[-1] != k):
+        raise ValueError(f"{fn}: x's last dim must be the layer's in_features K={k}, got shape {list(x.shape)}")
+    _validate_quantize(fn, x, k // groups, smooth, lora_down)
     if x.device != qweight.device:
         raise ValueError(f"{fn}: x is on {x.device}, qweight on {qweight.device}")
+    if lora_down is not None and lora_down.shape[1] != lora_up.shape[0]:
+        raise ValueError(f"{fn}: lora_down rank {lora_down.shape[1]} differs from lora_up rank {lora_up.shape[0]}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    qx, ascales, lr = torch.ops.diffboost.w4a4_quantize_act(x2, smooth, lora_down, group_size, backend)
+    qx, ascales, lr = _quantize_entry()(x2, smooth, lora_down, k // groups, backend)
     lora_act = lr if lora_up is not None else None
-    _validate_gemm(fn, qx, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype)
-    out = torch.ops.diffboost.w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype, backend
-    )
+    out = _gemm_entry()(qx, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype, backend)
     return out.view(*lead, qweight.shape[0])

@@ -1,0 +1,112 @@
+// W4A4 CPU kernels: arguments and the per-SIMD-level entry points.
+//
+// The layout and arithmetic are those of python/diffboost/ops/w4a4.py (its
+// module docstring is the specification): packed INT4 activations and weights,
+// two's complement nibbles, channel 2j in the low nibble of byte j; group
+// scales ascales [K/G, M] (fp32) and wscales [K/G, N]; activations quantized
+// per row and group with round-half-even; GEMM = sum over groups of exact
+// integer dots times ascale * wscale, plus lr @ up (lr rounded to the output
+// dtype) plus bias.
+//
+// Each level's translation unit (w4a4_<level>.cpp) implements the functions
+// declared below for its level; w4a4_cpu.cpp dispatches and runs them on
+// several threads. Like csrc/cpu/dot_i8.h, this header includes only C-style
+// headers and defines nothing with external linkage, so level TUs compiled
+// with different ISA flags cannot leak code into each other.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+namespace diffboost::cpu::w4a4 {
+
+// dtypes of x and of the output, as the Python wrapper passes them.
+enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// Rows of one GEMM tile: the unit of activation unpacking (its unpacked rows
+// stay in L2 while every column tile of the thread consumes them).
+constexpr int64_t kTileM = 64;
+// Columns of one GEMM tile: the weight rows streamed while a tile is computed.
+constexpr int64_t kTileN = 64;
+// Rows the activation pass handles together (shares each load of lora_down).
+constexpr int64_t kQuantizeRows = 4;
+
+struct QuantizeArgs {
+  const void* x;             // [m, k] fp32 or bf16 (x_dtype), unit stride along k
+  int x_dtype;               // DType
+  int64_t m, k, x_stride;    // x_stride: elements between rows
+  const float* smooth_inv;   // [k] reciprocal of the smoothing factors, or nullptr
+  const float* down;         // [k, rank] fp32, or nullptr (rank 0)
+  int64_t rank;
+  int64_t group;             // 32, 64 or 128
+  uint8_t* qx;               // [m, k / 2]
+  float* ascales;            // [k / group, m]
+  float* lr;                 // [m, rank]
+};
+
+struct GemmArgs {
+  const uint8_t* qx;         // [m, k / 2]
+  const float* ascales;      // [k / group, m]
+  int64_t m;
+  const uint8_t* qw;         // [n, k / 2]
+  const float* wscales;      // [k / group, n] fp32
+  int64_t n, k, group;
+  const float* lr;           // [m, rank] fp32, or nullptr (rank 0)
+  const float* up;           // [rank, n] fp32
+  int64_t rank;
+  const float* bias;         // [n] fp32, or nullptr
+  void* out;                 // [m, n] with row stride out_stride, fp32 or bf16 (out_dtype)
+  int out_dtype;             // DType
+  int64_t out_stride;
+};
+
+// Per-thread scratch of the GEMM, allocated by the dispatcher with the sizes
+// below; each level lays out `act` its own way.
+struct GemmWorkspace {
+  int8_t* act;    // kTileM * k bytes: the tile's activations, unpacked
+  float* corr;    // kTileM * (k / group): per row and group epilogue terms
+  float* lr;      // kTileM * rank: the tile's lr rows rounded to the output dtype
+  float* tile;    // kTileM * kTileN: fp32 results before the epilogue
+};
+
+// Scratch of the activation pass: kQuantizeRows * k floats.
+//
+// quantize_rows_<level>: rows [m0, m1) of the activation pass.
+// gemm_tile_<level>: output rows [m0, m1) x columns [n0, n1) (at most kTileM x
+//   kTileN). `unpack` is true when rows [m0, m1) differ from the previous call
+//   on the same workspace, so the level must (re)fill ws->act/corr/lr.
+void quantize_rows_scalar(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
+void gemm_tile_scalar(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
+                      bool unpack);
+#if DIFFBOOST_HAVE_SIMD_AVX2
+void quantize_rows_avx2(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
+void gemm_tile_avx2(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
+                    bool unpack);
+#endif
+#if DIFFBOOST_HAVE_SIMD_AVX512_VNNI
+void quantize_rows_avx512_vnni(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
+void gemm_tile_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                           GemmWorkspace* ws, bool unpack);
+#endif
+
+// Scalar helpers shared by every level. `static`: each TU gets its own copy,
+// compiled with its own flags (see the note at the top).
+static inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  __builtin_memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// Round to nearest even, as torch's fp32 -> bf16 conversion of finite values.
+static inline uint16_t float_to_bf16_bits(float value) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN stays a (quiet) NaN
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+static inline float round_to_bf16(float value) { return bf16_bits_to_float(float_to_bf16_bits(value)); }
+
+}  // namespace diffboost::cpu::w4a4

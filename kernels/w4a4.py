@@ -1,0 +1,263 @@
+"""W4A4 in Triton: the fused activation pass and the INT4 x INT4 GEMM on INT8 tensor cores.
+
+The layout and the arithmetic are defined in :mod:`diffboost.ops.w4a4` (module docstring); these kernels reproduce
+it exactly: the packed activations and their scales are bit-identical to the reference, the GEMM's group dot
+products are exact INT32, and only the order of the fp32 sums differs.
+
+Activation pass (:func:`quantize_act`). One program owns ``BLOCK_M`` rows and walks K one group at a time, so x is
+read once: the tile is smoothed, its per-row absmax gives the group scale, it is rounded to INT4 and packed (the
+even/odd channels of a ``[BLOCK_M, G/2, 2]`` view go to the low/high nibbles), and the same smoothed tile feeds the
+low-rank down-projection accumulated over K on tensor cores. Rounding uses the ``1.5 * 2^23`` trick (adding it
+leaves an fp32 with no fraction bits, in round-half-even), which is exact only if the product before it is rounded
+first: the kernel is compiled with ``enable_fp_fusion=False`` so no multiply-add is contracted into an FMA.
+
+GEMM (:func:`gemm`). Both operands stay packed in global memory. Per group, each nibble is sign-extended to INT8
+with shifts (``(b << 4) >> 4`` and ``b >> 4`` on int8), the low/high halves are interleaved back into channel order
+(``join`` + ``reshape``, which only renames registers), and one ``tl.dot(int8, int8, out_dtype=int32)`` of depth G
+gives the exact group dot products (INT8 tensor cores: mma on sm80-89, wgmma on sm90, where no INT4 path exists).
+The group's two scale vectors are applied to the INT32 tile in fp32, outside the MMA loop body. The epilogue adds
+``lr @ lora_up`` (lr rounded to the output dtype, a 16-bit tensor-core dot with fp32 accumulation) and the bias.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Opt-in autotuning, as for attention: each distinct (M, N, K) is tuned once per process.
+AUTOTUNE = os.environ.get("DIFFBOOST_AUTOTUNE", "0") not in ("", "0") and not _INTERPRET
+
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: y + magic - magic == round_half_even(y) for |y| < 2^22
+_AMAX_FLOOR = 1e-30  # diffboost.ops.w4a4.AMAX_FLOOR
+
+# How the low-rank dots run: on 16-bit tensor cores when both operands share a 16-bit dtype, else in exact fp32
+# ("ieee": no TF32 rounding), which is also what the interpreter needs (its 16-bit dots are wrong).
+_DOT_NATIVE = 0
+_DOT_FP32 = 1
+
+
+def _lora_dot_mode(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
+    if _INTERPRET or a_dtype == torch.float32 or a_dtype != b_dtype:
+        return _DOT_FP32
+    return _DOT_NATIVE
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 to ``DTYPE``, rounding to nearest even on every target: the interpreter truncates fp32 -> bf16, so bf16
+    is rounded with integer ops first (the conversion of the rounded value is then exact everywhere)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _quantize_act_kernel(
+    X, Smooth, Down, QX, AScale, LR,
+    M, K, stride_xm,
+    G: tl.constexpr, R: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    rows = offs_m.to(tl.int64)
+    offs_g = tl.arange(0, G)
+    offs_h = tl.arange(0, G // 2)
+    x_ptrs = X + rows[:, None] * stride_xm + offs_g[None, :]
+    q_ptrs = QX + rows[:, None] * (K // 2) + offs_h[None, :]
+    if HAS_LORA:
+        offs_r = tl.arange(0, R)
+        d_ptrs = Down + offs_g[:, None] * R + offs_r[None, :]
+        lr = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    for g in range(0, K // G):
+        k0 = g * G
+        x = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
+        xs = x.to(tl.float32)
+        if HAS_SMOOTH:
+            s = tl.load(Smooth + k0 + offs_g).to(tl.float32)
+            xs = xs * tl.math.div_rn(tl.full([G], 1.0, tl.float32), s)[None, :]
+        amax = tl.max(tl.abs(xs), axis=1)
+        scale = tl.math.div_rn(amax, tl.full([BLOCK_M], 7.0, tl.float32))
+        inv = tl.math.div_rn(tl.full([BLOCK_M], 7.0, tl.float32), tl.maximum(amax, _AMAX_FLOOR))
+        y = xs * inv[:, None]
+        q = ((y + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int32)
+        q_even, q_odd = tl.split(tl.reshape(q, [BLOCK_M, G // 2, 2]))
+        packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
+        tl.store(q_ptrs + k0 // 2, packed, mask=row_ok[:, None])
+        tl.store(AScale + g * M + offs_m, scale, mask=row_ok)
+        if HAS_LORA:
+            d = tl.load(d_ptrs + k0 * R)
+            xs_low = _round_to(xs, X.dtype.element_ty)  # the reference rounds the low-rank input to x's dtype
+            if LORA_DOT == 0:
+                lr += tl.dot(xs_low, d)
+            else:
+                lr += tl.dot(xs_low.to(tl.float32), d.to(tl.float32), input_precision="ieee")
+    if HAS_LORA:
+        tl.store(LR + rows[:, None] * R + offs_r[None, :], lr, mask=row_ok[:, None])
+
+
+@triton.jit
+def _unpack_int4(packed, ROWS: tl.constexpr, G: tl.constexpr):
+    """``uint8 [ROWS, G/2]`` packed nibbles to ``int8 [ROWS, G]`` in channel order."""
+    b = packed.to(tl.int8, bitcast=True)
+    lo = (b << 4) >> 4  # arithmetic shifts sign-extend the nibble
+    hi = b >> 4
+    return tl.reshape(tl.join(lo, hi), [ROWS, G])
+
+
+@triton.jit
+def _gemm_kernel(
+    QX, AScale, QW, WScale, LR, Up, Bias, Out,
+    M, N, K, stride_om,
+    G: tl.constexpr, R: tl.constexpr,
+    HAS_LORA: tl.constexpr, LORA_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row tiles share each column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns read row 0 (wrapped) instead of being masked: every load is in bounds and
+    # unmasked, and the store below drops them.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    offs_h = tl.arange(0, G // 2)
+    a_ptrs = QX + rows[:, None] * (K // 2) + offs_h[None, :]
+    w_ptrs = QW + cols[:, None] * (K // 2) + offs_h[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, K // G):
+        a = _unpack_int4(tl.load(a_ptrs), BLOCK_M, G)
+        w = _unpack_int4(tl.load(w_ptrs), BLOCK_N, G)
+        dots = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        a_scale = tl.load(AScale + g * M + rows)
+        w_scale = tl.load(WScale + g * N + cols).to(tl.float32)
+        acc += dots.to(tl.float32) * (a_scale[:, None] * w_scale[None, :])
+        a_ptrs += G // 2
+        w_ptrs += G // 2
+
+    out_ty = Out.dtype.element_ty
+    if HAS_LORA:
+        offs_r = tl.arange(0, R)
+        lr = _round_to(tl.load(LR + rows[:, None] * R + offs_r[None, :]), out_ty)
+        up = tl.load(Up + offs_r[:, None] * N + cols[None, :])
+        if LORA_DOT == 0:
+            acc += tl.dot(lr, up)
+        else:
+            acc += tl.dot(lr.to(tl.float32), up.to(tl.float32), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], _round_to(acc, out_ty), mask=out_mask)
+
+
+def _gemm_config(m: int, n: int) -> triton.Config:
+    """Launch config from the problem shape alone (no tuning run); see ``DIFFBOOST_AUTOTUNE``."""
+    if _INTERPRET:  # the interpreter pays per program and per op: few, large tiles
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    if block_m == 128:
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4)
+
+
+def _gemm_tuning_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (64, 128, 256)
+        for w in (4, 8)
+        for s in (3, 4, 5)
+        if not (bm == 128 and bn == 256 and w == 4)
+    ]
+
+
+_gemm_tuned = triton.autotune(configs=_gemm_tuning_configs(), key=["M", "N", "K", "G", "R", "HAS_LORA"])(_gemm_kernel)
+
+
+def quantize_act(
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    lr: torch.Tensor,
+    group_size: int,
+) -> None:
+    """Launch the activation pass, writing ``qx``, ``ascales`` and ``lr`` in place.
+
+    Inputs are validated by :mod:`diffboost.ops.w4a4`: ``x [M, K]`` with unit stride along K, ``smooth [K]`` and
+    ``lora_down [K, r]`` contiguous (or None); outputs ``uint8 [M, K/2]``, ``fp32 [K/G, M]``, ``fp32 [M, r]``.
+    """
+    m, k = x.shape
+    if m == 0:
+        return
+    rank = 0 if lora_down is None else lora_down.shape[1]
+    block_m = 64 if _INTERPRET else 32
+    _quantize_act_kernel[(triton.cdiv(m, block_m),)](
+        x, smooth if smooth is not None else x, lora_down if lora_down is not None else x, qx, ascales, lr,
+        m, k, x.stride(0),
+        G=group_size, R=max(rank, 16), HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0,
+        LORA_DOT=_lora_dot_mode(x.dtype, lora_down.dtype) if rank else _DOT_FP32,
+        BLOCK_M=block_m, num_warps=4,
+        enable_fp_fusion=False,  # keep every product rounded before the rounding trick (module docstring)
+    )
+
+
+def gemm(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor | None,
+    lora_up: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Launch the W4A4 GEMM into ``out [M, N]`` (unit stride along N; its dtype is the output dtype).
+
+    Inputs are validated by :mod:`diffboost.ops.w4a4`: packed ``qx [M, K/2]``, ``qweight [N, K/2]``, scales
+    ``[K/G, M]`` fp32 and ``[K/G, N]``, ``lora_act fp32 [M, r]`` with ``lora_up [r, N]`` (or both None), ``bias [N]``.
+    """
+    m, n = out.shape
+    k = qx.shape[1] * 2
+    if m == 0 or n == 0:
+        return
+    group = k // wscales.shape[0]
+    rank = 0 if lora_up is None else lora_up.shape[0]
+    args = (
+        qx, ascales, qweight, wscales,
+        lora_act if rank else qx, lora_up if rank else qx, bias if bias is not None else qx, out,
+        m, n, k, out.stride(0),
+    )
+    meta = dict(
+        G=group, R=max(rank, 16), HAS_LORA=rank > 0,
+        LORA_DOT=_lora_dot_mode(out.dtype, lora_up.dtype) if rank else _DOT_FP32,
+        HAS_BIAS=bias is not None,
+    )
+
+    def grid(launch):
+        return (triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"]),)
+
+    if AUTOTUNE:
+        _gemm_tuned[grid](*args, **meta)
+    else:
+        config = _gemm_config(m, n)
+        _gemm_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
