@@ -55,21 +55,28 @@ def _shape_text(shapes: Mapping[str, Any] | None) -> str:
                     for key, value in shapes.items())
 
 
-def render_document(doc: Mapping[str, Any], heading_level: int = 3) -> str:
-    """Markdown for one results document: a heading, the machine/software/command lines, and one table
-    per group (shapes, dtype and baseline in the group's heading line when the group shares them)."""
+def document_header(doc: Mapping[str, Any], heading: str, heading_level: int = 3) -> list[str]:
+    """Markdown lines opening one results document: the heading, then the machine, software, command and
+    recording time (with the commit) lines. Shared with ``benchmarks.readme_results``."""
     machine = doc["machine"]
-    title = machine["gpu"]["name"] if machine.get("gpu") and any(
-        row.get("device") == "cuda" for row in doc["rows"]) else machine["cpu"]["model"]
     commit = (machine.get("git") or {}).get("commit")
-    lines = [
-        f"{'#' * heading_level} {doc['name']} on {title}",
+    return [
+        f"{'#' * heading_level} {heading}",
         "",
         f"- Machine: {machine_summary(machine)}",
         f"- Software: {software_summary(machine)}",
         f"- Command: `{doc['command']}`",
         f"- Recorded: {doc['timestamp']}" + (f" at commit `{commit[:12]}`" if commit else ""),
     ]
+
+
+def render_document(doc: Mapping[str, Any], heading_level: int = 3) -> str:
+    """Markdown for one results document: a heading, the machine/software/command lines, and one table
+    per group (shapes, dtype and baseline in the group's heading line when the group shares them)."""
+    machine = doc["machine"]
+    title = machine["gpu"]["name"] if machine.get("gpu") and any(
+        row.get("device") == "cuda" for row in doc["rows"]) else machine["cpu"]["model"]
+    lines = document_header(doc, f"{doc['name']} on {title}", heading_level)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in doc["rows"]:
         groups.setdefault(row["group"], []).append(row)

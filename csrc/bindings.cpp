@@ -17,6 +17,7 @@
 #include "cuda/cuda_info.h"
 #include "diffboost_build_config.h"
 #include "w4a4/w4a4_cpu.h"
+#include "w4a4/w4a4_cuda.h"
 
 namespace py = pybind11;
 
@@ -166,6 +167,35 @@ void w4a4_gemm_cpu(std::string_view level, std::uintptr_t qx, std::uintptr_t asc
   cpu::w4a4::gemm(simd, args, threads);
 }
 
+void w4a4_gemm_cuda(std::uintptr_t qx, std::uintptr_t ascales, std::int64_t m, std::uintptr_t qw,
+                    std::uintptr_t wscales, std::int64_t n, std::int64_t k, std::int64_t group, std::uintptr_t lr,
+                    std::uintptr_t up, std::int64_t rank, std::uintptr_t bias, std::uintptr_t out, int dtype,
+                    std::int64_t out_stride, std::uintptr_t stream) {
+  cuda::w4a4::GemmArgs args{};
+  args.qx = as_ptr<const void>(qx);
+  args.ascales = as_ptr<const float>(ascales);
+  args.m = m;
+  args.qw = as_ptr<const void>(qw);
+  args.wscales = as_ptr<const void>(wscales);
+  args.n = n;
+  args.k = k;
+  args.group = group;
+  args.lr = as_ptr<const float>(lr);
+  args.up = as_ptr<const void>(up);
+  args.rank = rank;
+  args.bias = as_ptr<const void>(bias);
+  args.out = as_ptr<void>(out);
+  args.dtype = dtype;
+  args.out_stride = out_stride;
+  args.stream = as_ptr<void>(stream);
+  std::string error;
+  {
+    py::gil_scoped_release no_gil;
+    error = cuda::w4a4::gemm(args);
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
 }  // namespace
 }  // namespace diffboost
 
@@ -203,4 +233,12 @@ PYBIND11_MODULE(_C, m, py::mod_gil_not_used()) {
         "W4A4 GEMM on the CPU (layout: diffboost.ops.w4a4): out [m, n] (row stride out_stride, fp32 or bf16 per "
         "out_dtype) = sum over groups of qx . qw times ascales * wscales + lr @ up + bias, with wscales "
         "[k/group, n], lr [m, rank], up [rank, n] and bias [n] in fp32 (0 = absent). Errors as w4a4_quantize_cpu.");
+
+  m.def("w4a4_gemm_cuda", &diffboost::w4a4_gemm_cuda, py::arg("qx"), py::arg("ascales"), py::arg("m"),
+        py::arg("qw"), py::arg("wscales"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("lr"),
+        py::arg("up"), py::arg("rank"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("out_stride"),
+        py::arg("stream"),
+        "W4A4 GEMM on CUDA tensor cores (INT4 mma on sm80-89, INT8 on sm90+), launched on `stream` on the "
+        "current device: as w4a4_gemm_cpu, with wscales, up, bias and out all float16 (dtype 0) or bfloat16 (1), "
+        "qx and qw 16-byte aligned. RuntimeError if the launch fails or the build has no CUDA kernels.");
 }

@@ -1,7 +1,7 @@
 // W4A4 CPU kernels, AVX2 level (compiled with -mavx2 -mfma). The kernels are
-// in w4a4_x86.inc; this file supplies the chunk dot products: vpmaddubsw
-// (u8 x s8 -> pairs summed into int16; no saturation, since the pair sums stay
-// within 2 * 15 * 8) then vpmaddwd with ones (-> int32).
+// in w4a4_x86.inc; this file supplies the dot step: vpmaddubsw (u8 x s8,
+// adjacent products summed into int16; no saturation since |pair| <= 240)
+// accumulated in int16, widened once per group with vpmaddwd against ones.
 #include <immintrin.h>
 
 #include "w4a4/w4a4_kernels.h"
@@ -9,17 +9,15 @@
 namespace diffboost::cpu::w4a4 {
 namespace {
 
-inline __m256i dot_chunk64(__m256i w_lo, __m256i w_hi, const int8_t* a) {
-  const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
-  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w_lo, even), _mm256_maddubs_epi16(w_hi, odd));
-  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+// 3 rows x 2 column vectors: 6 accumulators + 4 weight vectors + 2 broadcasts fit the 16 ymm registers.
+constexpr int kMR = 3;
+constexpr int kNR = 2;
+
+inline __m256i dot_step(__m256i acc, __m256i w, __m256i a) {
+  return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, a));
 }
 
-inline __m256i dot_chunk32(__m256i w, const int8_t* a) {
-  const __m256i act = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, act), _mm256_set1_epi16(1));
-}
+inline __m256i group_sums(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 
 #include "w4a4/w4a4_x86.inc"
 
@@ -30,8 +28,8 @@ void quantize_rows_avx2(const QuantizeArgs& args, int64_t m0, int64_t m1, float*
 }
 
 void gemm_tile_avx2(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                    bool unpack) {
-  gemm_tile_impl(args, m0, m1, n0, n1, ws, unpack);
+                    bool new_rows, bool new_columns) {
+  gemm_tile_impl(args, m0, m1, n0, n1, ws, new_rows, new_columns);
 }
 
 }  // namespace diffboost::cpu::w4a4

@@ -1,8 +1,8 @@
 // W4A4 CPU kernels, AVX-512 VNNI level (compiled with -mavx512f -mavx512bw
 // -mavx512vl -mavx512vnni -mfma). The kernels are in w4a4_x86.inc; this file
-// supplies the chunk dot products with vpdpbusd on 256-bit registers
-// (AVX512VL), which multiplies u8 x s8 and accumulates into int32 in one
-// instruction, replacing AVX2's vpmaddubsw + vpmaddwd pair.
+// supplies the dot step: vpdpbusd on 256-bit registers (AVX512VL), which
+// multiplies u8 x s8 and accumulates into int32 in one instruction, and the
+// larger register block that AVX-512's 32 vector registers allow.
 #include <immintrin.h>
 
 #include "w4a4/w4a4_kernels.h"
@@ -10,16 +10,13 @@
 namespace diffboost::cpu::w4a4 {
 namespace {
 
-inline __m256i dot_chunk64(__m256i w_lo, __m256i w_hi, const int8_t* a) {
-  const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w_lo, even), w_hi, odd);
-}
+// 4 rows x 3 column vectors: 12 accumulators + 6 weight vectors + 2 broadcasts of the 32 registers.
+constexpr int kMR = 4;
+constexpr int kNR = 3;
 
-inline __m256i dot_chunk32(__m256i w, const int8_t* a) {
-  const __m256i act = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, act);
-}
+inline __m256i dot_step(__m256i acc, __m256i w, __m256i a) { return _mm256_dpbusd_epi32(acc, w, a); }
+
+inline __m256i group_sums(__m256i acc) { return acc; }
 
 #include "w4a4/w4a4_x86.inc"
 
@@ -30,8 +27,8 @@ void quantize_rows_avx512_vnni(const QuantizeArgs& args, int64_t m0, int64_t m1,
 }
 
 void gemm_tile_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                           GemmWorkspace* ws, bool unpack) {
-  gemm_tile_impl(args, m0, m1, n0, n1, ws, unpack);
+                           GemmWorkspace* ws, bool new_rows, bool new_columns) {
+  gemm_tile_impl(args, m0, m1, n0, n1, ws, new_rows, new_columns);
 }
 
 }  // namespace diffboost::cpu::w4a4

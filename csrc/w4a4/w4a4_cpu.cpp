@@ -10,7 +10,7 @@ namespace diffboost::cpu::w4a4 {
 namespace {
 
 using QuantizeRows = void (*)(const QuantizeArgs&, int64_t, int64_t, float*);
-using GemmTile = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, GemmWorkspace*, bool);
+using GemmTile = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, GemmWorkspace*, bool, bool);
 
 struct Kernels {
   QuantizeRows quantize_rows = nullptr;
@@ -111,26 +111,31 @@ void gemm(SimdLevel level, const GemmArgs& args, int threads) {
   const int64_t workers = std::max(1, threads);
   struct Scratch {
     std::vector<int8_t> act;
-    std::vector<float> corr, lr, tile;
+    std::vector<float> corr, lr, tile, wscales;
+    std::vector<uint8_t> weights;
   };
+  const int64_t groups = args.k / args.group;
   std::vector<Scratch> scratch(static_cast<size_t>(std::min(workers, tiles_m * tiles_n)));
   for (Scratch& s : scratch) {
     s.act.resize(static_cast<size_t>(kTileM * args.k));
-    s.corr.resize(static_cast<size_t>(kTileM * (args.k / args.group)));
+    s.corr.resize(static_cast<size_t>(kTileM * groups));
     s.lr.resize(static_cast<size_t>(kTileM * args.rank));
     s.tile.resize(static_cast<size_t>(kTileM * kTileN));
+    s.weights.resize(static_cast<size_t>(kTileN * args.k / 2));
+    s.wscales.resize(static_cast<size_t>(groups * kTileN));
   }
-  // Tiles in row-major order: a thread's consecutive tiles share their rows, which it unpacks once.
+  // Column tiles outer: a thread's consecutive tiles share their columns, whose weights it re-lays out once.
   parallel_for(tiles_m * tiles_n, 1, threads, [&](int t, int64_t begin, int64_t end) {
     Scratch& s = scratch[t];
-    GemmWorkspace ws{s.act.data(), s.corr.data(), s.lr.data(), s.tile.data()};
-    int64_t unpacked = -1;
+    GemmWorkspace ws{s.act.data(), s.corr.data(), s.lr.data(), s.tile.data(), s.weights.data(), s.wscales.data()};
+    int64_t rows_done = -1, columns_done = -1;
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t tm = tile / tiles_n, tn = tile % tiles_n;
+      const int64_t tn = tile / tiles_m, tm = tile % tiles_m;
       const int64_t m0 = tm * kTileM, n0 = tn * kTileN;
       kernels.gemm_tile(args, m0, std::min(args.m, m0 + kTileM), n0, std::min(args.n, n0 + kTileN), &ws,
-                        tm != unpacked);
-      unpacked = tm;
+                        tm != rows_done, tn != columns_done);
+      rows_done = tm;
+      columns_done = tn;
     }
   });
 }

@@ -23,11 +23,11 @@ namespace diffboost::cpu::w4a4 {
 // dtypes of x and of the output, as the Python wrapper passes them.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
-// Rows of one GEMM tile: the unit of activation unpacking (its unpacked rows
-// stay in L2 while every column tile of the thread consumes them).
+// Rows of one GEMM tile: the unit of activation unpacking.
 constexpr int64_t kTileM = 64;
-// Columns of one GEMM tile: the weight rows streamed while a tile is computed.
-constexpr int64_t kTileN = 64;
+// Columns of one GEMM tile: the unit of weight re-layout (kept in L2 while
+// every row tile of the thread consumes it); a multiple of 8.
+constexpr int64_t kTileN = 128;
 // Rows the activation pass handles together (shares each load of lora_down).
 constexpr int64_t kQuantizeRows = 4;
 
@@ -61,32 +61,35 @@ struct GemmArgs {
 };
 
 // Per-thread scratch of the GEMM, allocated by the dispatcher with the sizes
-// below; each level lays out `act` its own way.
+// below; each level uses what it needs, laid out its own way.
 struct GemmWorkspace {
-  int8_t* act;    // kTileM * k bytes: the tile's activations, unpacked
-  float* corr;    // kTileM * (k / group): per row and group epilogue terms
-  float* lr;      // kTileM * rank: the tile's lr rows rounded to the output dtype
-  float* tile;    // kTileM * kTileN: fp32 results before the epilogue
+  int8_t* act;       // kTileM * k bytes: the tile's activations, unpacked
+  float* corr;       // kTileM * (k / group): per row and group epilogue terms
+  float* lr;         // kTileM * rank: the tile's lr rows rounded to the output dtype
+  float* tile;       // kTileM * kTileN: fp32 results before the epilogue
+  uint8_t* weights;  // kTileN * k / 2 bytes: the column tile's weights, re-laid out
+  float* wscales;    // (k / group) * kTileN: the column tile's scales
 };
 
 // Scratch of the activation pass: kQuantizeRows * k floats.
 //
 // quantize_rows_<level>: rows [m0, m1) of the activation pass.
 // gemm_tile_<level>: output rows [m0, m1) x columns [n0, n1) (at most kTileM x
-//   kTileN). `unpack` is true when rows [m0, m1) differ from the previous call
-//   on the same workspace, so the level must (re)fill ws->act/corr/lr.
+//   kTileN). `new_rows` / `new_columns` are true when the rows / columns
+//   differ from the previous call on the same workspace (the level refills
+//   what it derives from them).
 void quantize_rows_scalar(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
 void gemm_tile_scalar(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                      bool unpack);
+                      bool new_rows, bool new_columns);
 #if DIFFBOOST_HAVE_SIMD_AVX2
 void quantize_rows_avx2(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
 void gemm_tile_avx2(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                    bool unpack);
+                    bool new_rows, bool new_columns);
 #endif
 #if DIFFBOOST_HAVE_SIMD_AVX512_VNNI
 void quantize_rows_avx512_vnni(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
 void gemm_tile_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                           GemmWorkspace* ws, bool unpack);
+                           GemmWorkspace* ws, bool new_rows, bool new_columns);
 #endif
 
 // Scalar helpers shared by every level. `static`: each TU gets its own copy,

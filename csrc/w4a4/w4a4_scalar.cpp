@@ -54,9 +54,9 @@ void quantize_rows_scalar(const QuantizeArgs& args, int64_t m0, int64_t m1, floa
 }
 
 void gemm_tile_scalar(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                      bool unpack) {
+                      bool new_rows, bool /*new_columns*/) {
   const int64_t k = args.k, g = args.group, half = k / 2;
-  if (unpack) {  // signed values in channel order
+  if (new_rows) {  // signed values in channel order
     for (int64_t row = m0; row < m1; ++row) {
       const uint8_t* p = args.qx + row * half;
       int8_t* a = ws->act + (row - m0) * k;

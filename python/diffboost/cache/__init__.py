@@ -74,8 +74,10 @@ def _uniform_in_window(num_steps: int, interval: int, start: float, end: float) 
 
 def _quadratic_in_window(num_steps: int, interval: int, start: float, end: float, center: float) -> list[bool]:
     """As many full steps as the uniform schedule has, placed densest around ``center`` (a fraction of the
-    trajectory): step ``c + sign(x) |x|^p`` for ``x`` evenly spaced, ``p = 2`` lowered in steps of 0.05 until no two
-    positions round to the same step (``p = 1`` is evenly spaced, so this ends)."""
+    trajectory), as in the DeepCache paper: the first step of the window (or the last full step before it), then
+    steps ``c + sign(x) |x|^p`` for ``x`` at the interior points of an even grid from ``-(c - first)^(1/p)`` to
+    ``(last - c)^(1/p)``; ``p = 2`` is lowered in steps of 0.05 until no two steps coincide (``p = 1`` is an even
+    grid, so this ends)."""
     uniform = _uniform_in_window(num_steps, interval, start, end)
     lo, hi = _window(num_steps, start, end)
     if hi <= lo:
@@ -86,12 +88,9 @@ def _quadratic_in_window(num_steps: int, interval: int, start: float, end: float
     c = min(max(center * num_steps, anchor), last)
     power = 2.0
     while True:
-        if count == 1:
-            points = [anchor]
-        else:
-            left, right = (c - anchor) ** (1 / power), (last - c) ** (1 / power)
-            xs = [-left + (left + right) * i / (count - 1) for i in range(count)]
-            points = sorted({round(c + math.copysign(abs(x) ** power, x)) for x in xs})
+        left, right = (c - anchor) ** (1 / power), (last - c) ** (1 / power)
+        grid = [-left + (left + right) * i / count for i in range(1, count)]
+        points = sorted({anchor, *(round(c + math.copysign(abs(x) ** power, x)) for x in grid)})
         if len(points) == count or power <= 1.0:
             break
         power = max(1.0, power - 0.05)

@@ -204,7 +204,8 @@ class BlockCache(DenoiserCache):
         return out
 
     def _after_last(self, fmt: BlockFormat, out: Any) -> Any:
-        """Keep the residual(s) of a full pass; in a mixed first_block batch, give cached samples their cached output."""
+        """Keep the residual(s) of a full pass; in a mixed first_block batch, give the samples that take the cache
+        their cached output."""
         streams, state = fmt.outputs(out), self._state
         if self._mode is _RECORD:
             state["residual"] = _sub(streams, self._first_in)

@@ -202,7 +202,7 @@ class ControlNetCache(DenoiserCache):
         return [self.module]
 
     def full_steps(self, num_steps: int) -> list[bool]:
-        return self.leader.full_steps(num_steps)
+        return self.leader.full_steps(num_steps)  # the U-Net's schedule
 
     def end_call(self) -> None:
         self._store.clear()
@@ -210,11 +210,11 @@ class ControlNetCache(DenoiserCache):
     def call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         scale = kwargs.get("conditioning_scale", 1.0)
         cached = self._store.get(slot)
-        if cached is not None and not self.leader.is_full(step) and _same_scale(cached[0], scale):
+        if cached is not None and not self.is_full(step) and _same_scale(cached[0], scale):
             self.report(step, args, kwargs, reused=True, skipped=True)
             return cached[1]
         out = self.run_full(original, args, kwargs)
-        if self.leader.partial_follows(step):
+        if self.partial_follows(step):
             self._store[slot] = (scale, out)
         else:
             self._store.pop(slot, None)

@@ -29,7 +29,8 @@ def _tokens(x: torch.Tensor) -> int:
 def _is_attention(module: torch.nn.Module) -> bool:
     # diffusers' Attention, FluxAttention and the other AttentionModuleMixin classes all have heads and Q/V
     # projections; the products between them happen inside the processor, where no module hook sees them.
-    return (isinstance(getattr(module, "heads", None), int) and isinstance(getattr(module, "to_q", None), torch.nn.Linear)
+    return (isinstance(getattr(module, "heads", None), int)
+            and isinstance(getattr(module, "to_q", None), torch.nn.Linear)
             and isinstance(getattr(module, "to_v", None), torch.nn.Linear))
 
 

@@ -102,7 +102,7 @@ def repeat_batch(value: Any, times: int, batch: int) -> Any:
 
 
 def _shape_key(args: tuple, kwargs: dict) -> tuple:
-    """The shapes of the tensor arguments (one level into dicts, lists and tuples): calls with equal keys cost the same."""
+    """The shapes of the tensor arguments, one level into dicts, lists and tuples: equal keys, equal costs."""
     key = []
     for name, value in [*enumerate(args), *sorted(kwargs.items())]:
         items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)

@@ -46,7 +46,9 @@ __all__ = [
     "INT4_MAX",
     "W4A4_GEMM_OP",
     "W4A4_QUANTIZE_OP",
+    "gemm_cpu",
     "pack_int4",
+    "quantize_act_cpu",
     "unpack_int4",
     "w4a4_gemm",
     "w4a4_gemm_reference",
@@ -216,31 +218,43 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 _CPU_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _cpu_quantize(x, smooth, lora_down, group_size):
+def quantize_act_cpu(x, smooth, lora_down, group_size, qx, ascales, lr, level: str = "auto") -> None:
+    """Launch the C++ activation pass, writing ``qx``, ``ascales`` and ``lr`` in place (shapes as
+    :func:`w4a4_quantize_act` returns them; x fp32 or bf16 on the CPU). ``level``: ``"auto"`` or a SIMD level
+    (``"scalar"``, ``"avx2"``, ``"avx512_vnni"``; raises if it is not compiled in or this CPU lacks it)."""
     from diffboost import _ext
 
-    qx, ascales, lr = _quantize_outputs(x, group_size, _rank(lora_down, 1))
     smooth32, down32 = _f32(smooth), _f32(lora_down)
     _ext.get_ext().w4a4_quantize_cpu(
-        "auto", x.data_ptr(), _CPU_DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0),
+        level, x.data_ptr(), _CPU_DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0),
         _ptr(smooth32), _ptr(down32), _rank(lora_down, 1), group_size,
         qx.data_ptr(), ascales.data_ptr(), lr.data_ptr(), torch.get_num_threads(),
     )
-    return qx, ascales, lr
 
 
-def _cpu_gemm(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+def gemm_cpu(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out, level: str = "auto") -> None:
+    """Launch the C++ GEMM into ``out [M, N]`` (fp32 or bf16, unit stride along N); see :func:`quantize_act_cpu`."""
     from diffboost import _ext
 
     m, n, k = qx.shape[0], qweight.shape[0], qx.shape[1] * 2
-    out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     wscales32, up32, bias32 = _f32(wscales), _f32(lora_up), _f32(bias)
     rank = _rank(lora_up, 0)
     _ext.get_ext().w4a4_gemm_cpu(
-        "auto", qx.data_ptr(), ascales.data_ptr(), m, qweight.data_ptr(), wscales32.data_ptr(), n, k,
+        level, qx.data_ptr(), ascales.data_ptr(), m, qweight.data_ptr(), wscales32.data_ptr(), n, k,
         k // wscales.shape[0], _ptr(lora_act) if rank else 0, _ptr(up32), rank, _ptr(bias32),
-        out.data_ptr(), _CPU_DTYPE_CODES[out_dtype], n, torch.get_num_threads(),
+        out.data_ptr(), _CPU_DTYPE_CODES[out.dtype], out.stride(0), torch.get_num_threads(),
     )
+
+
+def _cpu_quantize(x, smooth, lora_down, group_size):
+    outputs = _quantize_outputs(x, group_size, _rank(lora_down, 1))
+    quantize_act_cpu(x, smooth, lora_down, group_size, *outputs)
+    return outputs
+
+
+def _cpu_gemm(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+    out = torch.empty(qx.shape[0], qweight.shape[0], dtype=out_dtype, device=qx.device)
+    gemm_cpu(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out)
     return out
 
 

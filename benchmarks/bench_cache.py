@@ -1,0 +1,245 @@
+"""Step-cached execution benchmark: time per image of whole pipelines, uncached vs diffboost's caches vs DeepCache.
+
+    python -m benchmarks.bench_cache [--models sd15,sdxl,flux] [--quick] [--out benchmarks/results]
+                                     [--device auto|cuda|cpu] [--threads N]
+
+One harness group per model, each a whole text-to-image pipeline with random weights (offline presets), batch 1:
+
+* ``sd15``: SD 1.5 architecture, bf16, 512x512, 50 DDIM steps, CFG 7.5: uncached (the baseline), diffboost DeepCache
+  at interval 3 / branch 0 and interval 5 / branch 0, encoder propagation (Faster Diffusion's key steps, step by
+  step and with the parallel decoder), and the ``DeepCache`` package (0.1.1, ``DeepCacheSDHelper``) at the same two
+  settings in the same run (a skipped row when it is not installed).
+* ``sdxl``: the same at 1024x1024.
+* ``flux``: FLUX.1-dev architecture, bf16, 1024x1024, 28 flow-matching Euler steps: uncached vs block caching
+  (uniform interval 2 and 3, first_block threshold 0.1; the decisions of the latter depend on the weights, which
+  are random here).
+
+Each row carries ``macs_skipped`` (diffboost's counted fraction, :func:`diffboost.cache.stats`), the steps run
+fully / partially, fidelity to the uncached image of the same seed (``psnr_db``, ``max_abs_diff``; images in
+[0, 1]) and, on CUDA, ``peak_mem_gib``. Everything in a group shares one pipeline; the cases patch and unpatch it.
+
+``--quick`` on a CPU runs the same cases on the tiny presets (8 steps, float32) in well under a minute; on CUDA it
+keeps the real models and shortens the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, Case, SkipCase, machine_info, print_table, run_cases, write_results
+
+DEEPCACHE_PACKAGE = "DeepCache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """One pipeline to benchmark: preset, steps and the tiny preset standing in for it with ``--quick`` on CPU."""
+
+    preset: str
+    quick_preset: str
+    steps: int
+    unet: bool
+    # (warmup_ms, rep_ms) on CUDA: a few whole pipeline calls each
+    cuda_timing: tuple[float, float]
+
+
+MODELS = {
+    "sd15": Model("sd15", "tiny-sd", 50, unet=True, cuda_timing=(3_000, 8_000)),
+    "sdxl": Model("sdxl", "tiny-sdxl", 50, unet=True, cuda_timing=(10_000, 25_000)),
+    "flux": Model("flux", "tiny-flux", 28, unet=False, cuda_timing=(15_000, 40_000)),
+}
+QUICK_STEPS = 8
+CPU_QUICK_TIMING = {"warmup_ms": 1, "rep_ms": 1}  # one warm-up call and the harness's minimum of 5 timed calls
+
+
+def _cache_configs(unet: bool) -> list[tuple[str, Any]]:
+    """(case name, value for ``diffboost.patch(cache=...)``) of one group."""
+    from diffboost.cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
+
+    if unet:
+        return [
+            ("diffboost-deepcache-i3-b0", DeepCacheConfig(interval=3, branch=0)),
+            ("diffboost-deepcache-i5-b0", DeepCacheConfig(interval=5, branch=0)),
+            ("diffboost-encoder-propagation", EncoderPropagationConfig()),
+            ("diffboost-encoder-propagation-parallel", EncoderPropagationConfig(parallel_decoder=True)),
+        ]
+    return [
+        ("diffboost-block-uniform-i2", BlockCacheConfig(mode="uniform", interval=2)),
+        ("diffboost-block-uniform-i3", BlockCacheConfig(mode="uniform", interval=3)),
+        ("diffboost-block-first-block-t0.1", BlockCacheConfig(mode="first_block", threshold=0.1)),
+    ]
+
+
+class Group:
+    """The pipeline one group's cases share, the uncached reference image, and how to undo the current patch."""
+
+    def __init__(self, preset: str, steps: int, dtype: torch.dtype, device: str) -> None:
+        self.preset, self.steps, self.dtype, self.device = preset, steps, dtype, device
+        self._pipe = None
+        self.undo: Callable[[], None] | None = None
+        self.reference: torch.Tensor | None = None
+        self.cached = False  # whether the current case is a diffboost cache (its stats are recorded)
+
+    def pipe(self):
+        if self._pipe is None:
+            from diffboost.models import build_pipeline
+
+            self._pipe = build_pipeline(self.preset, dtype=self.dtype, device=self.device)
+        return self._pipe
+
+    def prepare(self, apply: Callable[[Any], Callable[[], None] | None], cached: bool) -> Callable[[], torch.Tensor]:
+        """Undo the previous case's patch, apply this case's, and return the timed call (one image)."""
+        if self.undo is not None:
+            self.undo()
+            self.undo = None
+        pipe = self.pipe()
+        self.undo = apply(pipe)
+        self.cached = cached
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self.generate
+
+    def generate(self) -> torch.Tensor:
+        from diffboost.models import example_inputs
+
+        pipe = self.pipe()
+        return pipe(**example_inputs(pipe, steps=self.steps, seed=0)).images  # same seed: comparable images
+
+    def check(self, output: torch.Tensor) -> dict[str, float]:
+        """Fidelity to the uncached image (the first case's output), the cache's counts, peak memory."""
+        metrics: dict[str, float] = {}
+        image = output.float()
+        if self.reference is None:
+            self.reference = image
+        diff = image - self.reference
+        metrics["max_abs_diff"] = diff.abs().max().item()
+        mse = diff.square().mean().item()
+        if mse > 0:
+            metrics["psnr_db"] = 10 * math.log10(1.0 / mse)
+        if self.cached:
+            from diffboost.cache import stats
+
+            s = stats(self.pipe())
+            metrics.update(macs_skipped=s.macs_skipped_fraction or 0.0, full_steps=s.full_steps,
+                           partial_steps=s.partial_steps)
+        if self.device == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+
+def apply_nothing(pipe) -> None:
+    return None
+
+
+def apply_diffboost(config: Any) -> Callable[[Any], Callable[[], None]]:
+    def apply(pipe):
+        import diffboost
+
+        diffboost.patch(pipe, cache=config)
+        return lambda: diffboost.unpatch(pipe)
+
+    return apply
+
+
+def apply_deepcache_package(interval: int, branch: int) -> Callable[[Any], Callable[[], None]]:
+    """The ``DeepCache`` package's helper at the same settings; a skipped row when it is not installed."""
+
+    def apply(pipe):
+        try:
+            from DeepCache import DeepCacheSDHelper
+        except ImportError as exc:
+            raise SkipCase(f"{DEEPCACHE_PACKAGE} not installed ({exc})") from exc
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+        return helper.disable
+
+    return apply
+
+
+def build_cases(models: Sequence[str], quick_cpu: bool, dtype: torch.dtype,
+                device: str) -> list[tuple[Model, list[Case]]]:
+    """The cases of each model's group, uncached first (its image is every other row's fidelity reference)."""
+    groups = []
+    for key in models:
+        model = MODELS[key]
+        preset = model.quick_preset if quick_cpu else model.preset
+        steps = QUICK_STEPS if quick_cpu else model.steps
+        group = Group(preset, steps, dtype, device)
+        resolution = 64 if quick_cpu else 1024 if key in ("sdxl", "flux") else 512
+        name = f"{key}-{preset}-{resolution}px-{steps}steps"
+        common = dict(group=name, device=device, dtype=str(dtype).removeprefix("torch."),
+                      shapes={"batch": 1, "resolution": resolution, "steps": steps},
+                      check=lambda output, group=group: group.check(output))
+
+        def case(label: str, apply, cached: bool, params: dict[str, Any], baseline: bool = False) -> Case:
+            def make_fn(apply=apply, cached=cached, group=group):
+                return group.prepare(apply, cached)
+
+            return Case(name=label, make_fn=make_fn, baseline=baseline, params={"preset": preset, **params}, **common)
+
+        cases = [case("uncached", apply_nothing, False, {"impl": "diffusers"}, baseline=True)]
+        for label, config in _cache_configs(model.unet):
+            cases.append(case(label, apply_diffboost(config), True, {"impl": "diffboost", "cache": repr(config)}))
+        if model.unet:
+            for interval in (3, 5):
+                cases.append(case(f"{DEEPCACHE_PACKAGE}-i{interval}-b0", apply_deepcache_package(interval, 0), False,
+                                  {"impl": DEEPCACHE_PACKAGE, "cache_interval": interval, "cache_branch_id": 0}))
+        groups.append((model, cases))
+    return groups
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cache", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl,flux", help="comma-separated of sd15,sdxl,flux")
+    parser.add_argument("--quick", action="store_true",
+                        help="short timing; without CUDA also the tiny presets (the only mode that runs on CPU)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if device == "cpu" and not args.quick:
+        parser.error("the full-size pipelines need a GPU; pass --quick for the CPU variant")
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in models if name not in MODELS]
+    if unknown or not models:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+
+    quick_cpu = device == "cpu"
+    dtype = torch.float32 if quick_cpu else torch.bfloat16
+    rows = []
+    for model, cases in build_cases(models, quick_cpu, dtype, device):
+        if quick_cpu:
+            timing = CPU_QUICK_TIMING
+        else:
+            warmup, rep = model.cuda_timing
+            timing = {"warmup_ms": warmup / 4, "rep_ms": rep / 4} if args.quick else {"warmup_ms": warmup,
+                                                                                      "rep_ms": rep}
+        rows += run_cases(cases, **timing)
+    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
+    name = "cache-quick" if args.quick else "cache"
+    path = write_results(rows, name, out_dir=args.out, machine=machine_info(packages=("diffusers", DEEPCACHE_PACKAGE)),
+                         command=f"python -m benchmarks.bench_cache {argv_text}".rstrip())
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""W4A4 linear-layer benchmark: diffboost's W4A4 kernels vs dense F.linear and INT8 torch._int_mm.
+
+    python -m benchmarks.bench_w4a4 [--device auto|cuda|cpu] [--quick] [--threads N] [--out benchmarks/results]
+
+Each shape is one layer ``y = x W^T + b`` with ``x [M, K]``, ``W [N, K]`` and is a harness group whose baseline is
+the fastest dense ``F.linear`` measured in the same run (fp32 and bf16 on CPU, bf16 cuBLAS on CUDA). Rows:
+
+``linear-fp32``/``linear-bf16``  ``F.linear`` on the dense layer (the baselines).
+``int_mm-int8``                 ``torch._int_mm`` on pre-quantized INT8 operands: the INT8 GEMM alone, no activation
+                                quantization or scaling (an upper bound for an INT8 layer).
+``w4a4-<backend>``               :class:`diffboost.quant.W4A4Linear` (group 64, smoothing, rank-32 branch, bias):
+                                the whole layer, activation quantization included.
+``w4a4-gemm-<backend>``          the W4A4 GEMM alone on pre-quantized activations.
+
+The layer is built from a random ``nn.Linear`` with :meth:`W4A4Linear.from_linear`; each row's ``sqnr_db`` is the
+SQNR of its output against the dense layer in fp64 on the same Gaussian input (quantization error plus kernel error).
+FLOPs count the main GEMM, ``2 M N K``. Shapes: CPU M=4096, K=N=3072 and M=1024, K=N=1280 (``--quick``: tiny ones,
+for tests); CUDA the FLUX (M=4608, K=3072, N=3072/12288) and SDXL (M=4096, K=N=640/1280) layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import RESULTS_DIR, Case, SkipCase, machine_info, print_table, run_cases, write_results
+
+GROUP_SIZE = 64
+RANK = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One linear layer: tokens M, in_features K, out_features N."""
+
+    family: str
+    M: int
+    K: int
+    N: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-m{self.M}-k{self.K}-n{self.N}"
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.M * self.N * self.K
+
+
+CPU_SHAPES = (Shape("flux", 4096, 3072, 3072), Shape("sdxl", 1024, 1280, 1280))
+CPU_QUICK_SHAPES = (Shape("quick", 128, 256, 192), Shape("quick", 77, 128, 320))
+CUDA_SHAPES = (Shape("flux", 4608, 3072, 3072), Shape("flux", 4608, 3072, 12288),
+               Shape("sdxl", 4096, 640, 640), Shape("sdxl", 4096, 1280, 1280))
+
+
+@functools.lru_cache(maxsize=1)
+def make_layer(shape: Shape, device: str) -> dict[str, Any]:
+    """The dense layer, its W4A4 form and a Gaussian input for one shape (cached for the group being timed)."""
+    from diffboost.quant import W4A4Linear, smooth_factors
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(shape.K, shape.N)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(shape.N, shape.K, generator=generator) / shape.K**0.5)
+        linear.bias.copy_(torch.randn(shape.N, generator=generator) * 0.1)
+    x = torch.randn(shape.M, shape.K, generator=generator)
+    smooth = smooth_factors(x.abs().amax(0), linear.weight)
+    w4a4 = W4A4Linear.from_linear(linear, GROUP_SIZE, RANK, smooth=smooth).to(device)
+    ref = (x.double() @ linear.weight.double().t() + linear.bias.double()).to(device)
+    return {"linear": linear.to(device), "w4a4": w4a4, "x": x.to(device), "ref": ref}
+
+
+def sqnr(out: torch.Tensor, *_inputs: Any, ref: torch.Tensor) -> dict[str, float]:
+    """SQNR in dB of a layer output against the dense fp64 result."""
+    err = (out.double() - ref).pow(2).sum()
+    return {"sqnr_db": (10 * torch.log10(ref.pow(2).sum() / err)).item()}
+
+
+def dense_inputs(shape: Shape, device: str, dtype: torch.dtype):
+    layer = make_layer(shape, device)
+    return layer["x"].to(dtype), layer["linear"].weight.detach().to(dtype), layer["linear"].bias.detach().to(dtype)
+
+
+def int8_inputs(shape: Shape, device: str):
+    generator = torch.Generator(device=device).manual_seed(1)
+    a = torch.randint(-127, 128, (shape.M, shape.K), dtype=torch.int8, device=device, generator=generator)
+    b = torch.randint(-127, 128, (shape.K, shape.N), dtype=torch.int8, device=device, generator=generator)
+    return a, b.t().contiguous().t()  # column-major B, the layout _int_mm's fast paths want
+
+
+#: A peer whose one call would take longer than this (estimated on a slice of the rows) is not timed: on CPUs
+#: without the instructions it is built for (AVX-512 VNNI / BF16), torch falls back to reference loops.
+MAX_CALL_SECONDS = 30.0
+PROBE_ROWS = 64
+
+
+def _skip_if_too_slow(fn: Callable[..., torch.Tensor], x: torch.Tensor, *rest: Any) -> None:
+    """Time ``fn`` on the first PROBE_ROWS rows of ``x`` and skip the case if a full call would exceed the limit."""
+    if x.device.type != "cpu" or x.shape[0] <= PROBE_ROWS:
+        return
+    probe = x[:PROBE_ROWS].contiguous()
+    fn(probe, *rest)
+    start = time.perf_counter()
+    fn(probe, *rest)
+    estimate = (time.perf_counter() - start) * x.shape[0] / PROBE_ROWS
+    if estimate > MAX_CALL_SECONDS:
+        raise SkipCase(f"not timed: one call would take ~{estimate:.0f} s here (probe on {PROBE_ROWS} rows); this "
+                       "CPU lacks the instructions torch's fast path for it needs")
+
+
+def make_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Callable[[], torch.Tensor]:
+    _skip_if_too_slow(F.linear, x, weight, bias)
+    return functools.partial(F.linear, x, weight, bias)
+
+
+def make_int_mm(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
+    try:
+        _skip_if_too_slow(torch._int_mm, a, b)
+    except RuntimeError as exc:
+        raise SkipCase(f"torch._int_mm refused: {str(exc).splitlines()[0]}") from exc
+    return functools.partial(torch._int_mm, a, b)
+
+
+def w4a4_inputs(shape: Shape, device: str, dtype: torch.dtype):
+    layer = make_layer(shape, device)
+    return (layer["x"].to(dtype),)
+
+
+def make_w4a4(shape: Shape, device: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    from diffboost.ops import BackendUnavailableError
+
+    layer = make_layer(shape, device)["w4a4"]
+    call = functools.partial(_forward, layer, backend, x)
+    try:
+        call()
+    except BackendUnavailableError as exc:
+        raise SkipCase(str(exc)) from exc
+    return call
+
+
+def _forward(layer, backend: str, x: torch.Tensor) -> torch.Tensor:
+    layer.backend = backend
+    return layer(x)
+
+
+def make_w4a4_gemm(shape: Shape, device: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    from diffboost.ops import BackendUnavailableError, w4a4_gemm, w4a4_quantize_act
+
+    w = make_layer(shape, device)["w4a4"].weights
+    qx, ascales, lr = w4a4_quantize_act(x, GROUP_SIZE, w.smooth, w.lora_down)
+    call = functools.partial(w4a4_gemm, qx, ascales, w.qweight, w.wscales, lora_act=lr, lora_up=w.lora_up,
+                             bias=w.bias, out_dtype=x.dtype, backend=backend)
+    try:
+        call()
+    except BackendUnavailableError as exc:
+        raise SkipCase(str(exc)) from exc
+    return call
+
+
+def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
+    """Dense baselines, the INT8 peer and diffboost's W4A4 backends for each shape."""
+    dense_dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
+    w4a4_dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
+    backends = ("cpu",) if device == "cpu" else ("cuda", "triton")
+    cases = []
+    for shape in shapes:
+        common: dict[str, Any] = {"group": shape.name, "flops": shape.flops, "device": device,
+                                  "shapes": {"M": shape.M, "K": shape.K, "N": shape.N}}
+
+        def check(out, *inputs, _shape=shape):
+            return sqnr(out, ref=make_layer(_shape, device)["ref"])
+
+        for dtype in dense_dtypes:
+            name = str(dtype).removeprefix("torch.")
+            cases.append(Case(name=f"linear-{'fp32' if dtype == torch.float32 else 'bf16'}", make_fn=make_dense,
+                              inputs=functools.partial(dense_inputs, shape, device, dtype), baseline=True,
+                              dtype=name, check=check, params={"impl": "torch.F.linear"}, **common))
+        cases.append(Case(name="int_mm-int8", make_fn=make_int_mm, inputs=functools.partial(int8_inputs, shape, device),
+                          dtype="int8", params={"impl": "torch._int_mm", "note": "INT8 GEMM only"}, **common))
+        for backend in backends:
+            for dtype in w4a4_dtypes:
+                suffix = "" if len(w4a4_dtypes) == 1 else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
+                params = {"impl": "diffboost", "backend": backend, "group_size": GROUP_SIZE, "rank": RANK}
+                inputs = functools.partial(w4a4_inputs, shape, device, dtype)
+                dtype_name = str(dtype).removeprefix("torch.")
+                cases.append(Case(name=f"w4a4-{backend}{suffix}", inputs=inputs, dtype=dtype_name, check=check,
+                                  make_fn=functools.partial(make_w4a4, shape, device, backend), params=params,
+                                  **common))
+                cases.append(Case(name=f"w4a4-gemm-{backend}{suffix}", inputs=inputs, dtype=dtype_name, check=check,
+                                  make_fn=functools.partial(make_w4a4_gemm, shape, device, backend),
+                                  params={**params, "note": "pre-quantized activations"}, **common))
+    return cases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_w4a4", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="short timing; on CPU also tiny shapes (for tests)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if device == "cuda":
+        shapes = CUDA_SHAPES
+    else:
+        shapes = CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
+    timing = {"warmup_ms": 10, "rep_ms": 30} if args.quick else {"warmup_ms": 200, "rep_ms": 2000}
+    rows = run_cases(build_cases(shapes, device), **timing)
+    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
+    name = "w4a4-quick" if args.quick else "w4a4"
+    path = write_results(rows, name, out_dir=args.out, machine=machine_info(),
+                         command=f"python -m benchmarks.bench_w4a4 {argv_text}".rstrip())
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
