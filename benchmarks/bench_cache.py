@@ -48,14 +48,15 @@ class Model:
     quick_preset: str
     steps: int
     unet: bool
-    # (warmup_ms, rep_ms) on CUDA: a few whole pipeline calls each
+    # (warmup_ms, rep_ms) on CUDA, for triton's do_bench (which also makes 5 estimating calls): a few whole
+    # pipeline calls per case, so that one group (--models one at a time) runs in well under 10 minutes on an H100
     cuda_timing: tuple[float, float]
 
 
 MODELS = {
     "sd15": Model("sd15", "tiny-sd", 50, unet=True, cuda_timing=(3_000, 8_000)),
-    "sdxl": Model("sdxl", "tiny-sdxl", 50, unet=True, cuda_timing=(10_000, 25_000)),
-    "flux": Model("flux", "tiny-flux", 28, unet=False, cuda_timing=(15_000, 40_000)),
+    "sdxl": Model("sdxl", "tiny-sdxl", 50, unet=True, cuda_timing=(6_000, 15_000)),
+    "flux": Model("flux", "tiny-flux", 28, unet=False, cuda_timing=(8_000, 20_000)),
 }
 QUICK_STEPS = 8
 CPU_QUICK_TIMING = {"warmup_ms": 1, "rep_ms": 1}  # one warm-up call and the harness's minimum of 5 timed calls

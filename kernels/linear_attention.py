@@ -45,7 +45,7 @@ MAX_HEAD_DIM = 256
 MAX_BLOCK = 128  # widest block per head-dim part: a 128 x 128 fp32 accumulator is what registers hold
 # Fewest keys per chunk: each chunk writes a d_k x d_v fp32 partial state, which should stay small next to the
 # chunk's own K and V.
-MIN_CHUNK = 128 if _INTERPRET else 512
+MIN_CHUNK = 256 if _INTERPRET else 512
 
 
 def split_head_dim(d: int) -> tuple[int, int]:
@@ -266,8 +266,8 @@ def _launch_config(k_width: int, v_width: int) -> tuple[int, int, int]:
 
     num_stages stays at 2: 1 miscompiled split head dims on Hopper with Triton 3.6 (attention kernel).
     """
-    if _INTERPRET:
-        return 64, 64, 4
+    if _INTERPRET:  # the interpreter pays per program and per op, not per FLOP: few, large tiles
+        return 256, 256, 4
     state = k_width * v_width
     if state <= 64 * 64:
         return 64, 128, 4

@@ -149,7 +149,10 @@ def _gemm_kernel(
         dots = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
         a_scale = tl.load(AScale + g * M + rows)
         w_scale = tl.load(WScale + g * N + cols).to(tl.float32)
-        acc += dots.to(tl.float32) * (a_scale[:, None] * w_scale[None, :])
+        # int32 -> fp32 as 1.5 * 2^23 + dots - 1.5 * 2^23 (exact: |dots| <= 64 G < 2^22): an integer add and a float
+        # subtract at full rate instead of the quarter-rate conversion instruction.
+        dots_f = (dots + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
+        acc += dots_f * (a_scale[:, None] * w_scale[None, :])
         a_ptrs += G // 2
         w_ptrs += G // 2
 

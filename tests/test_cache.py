@@ -16,7 +16,7 @@ import torch
 
 import diffboost
 from diffboost.cache import DeepCacheConfig, EncoderPropagationConfig, stats
-from diffboost.models import example_inputs
+from diffboost.models import example_denoiser_inputs, example_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,10 @@ def test_interval_one_is_bit_identical_and_unpatch_restores(tiny_sd):
     assert type(pipe) is not cls and isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__
     cached = run(pipe, 4)
     assert not torch.equal(cached, reference)
+    inputs = example_denoiser_inputs(pipe.unet, batch=2)
+    direct = pipe.unet(**inputs).sample  # outside a pipeline call the patched U-Net is the plain one
     diffboost.unpatch(pipe)
+    assert torch.equal(pipe.unet(**inputs).sample, direct)
     assert type(pipe) is cls
     assert "forward" not in pipe.unet.__dict__ and pipe.unet.__dict__.keys() == unet_dict.keys()
     assert not any("forward" in m.__dict__ for m in pipe.unet.modules())
@@ -237,8 +240,9 @@ def test_deep_blocks_run_on_scheduled_steps(tiny_sd, config, steps, full):
 def test_heun_repeated_timesteps(tiny_sd):
     from diffusers import HeunDiscreteScheduler
 
-    tiny_sd.scheduler = HeunDiscreteScheduler.from_config(tiny_sd.scheduler.config)
     diffboost.patch(tiny_sd, cache=2)
+    # swapped after patching: the tracker reads the pipeline's scheduler at each call
+    tiny_sd.scheduler = HeunDiscreteScheduler.from_config(tiny_sd.scheduler.config)
     with count_calls(deep(tiny_sd.unet), tiny_sd.unet.conv_out) as counts:
         run(tiny_sd, 4)
     # 4 steps = 7 denoiser calls (2 per step, 1 in the last); steps 0 and 2 are full, 2 calls each.

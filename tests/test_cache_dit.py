@@ -206,3 +206,25 @@ def test_sd3_joint_blocks():
     assert 0 < relative <= 0.05
     diffboost.unpatch(pipe)
     assert torch.equal(sd3(4), reference)
+
+
+def test_bench_cache_quick_runs_end_to_end(tmp_path):
+    """``benchmarks/bench_cache.py --quick`` on the tiny FLUX group (the fast one): rows, ratios, cache metrics."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # benchmarks/ is a directory of scripts next to the package
+        sys.path.insert(0, root)
+    from benchmarks import bench_cache
+
+    assert bench_cache.main(["--quick", "--device", "cpu", "--models", "flux", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cache-quick-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["name"] for row in rows] == ["uncached", "diffboost-block-uniform-i2", "diffboost-block-uniform-i3",
+                                             "diffboost-block-first-block-t0.1"]
+    assert all(row["status"] == "ok" and row["ratio_to_baseline"] for row in rows)
+    assert rows[0]["metrics"]["max_abs_diff"] == 0
+    assert rows[2]["metrics"]["macs_skipped"] > rows[1]["metrics"]["macs_skipped"] > 0
+    assert rows[2]["metrics"]["partial_steps"] == 5  # 8 steps, full at 0, 3, 6

@@ -17,6 +17,7 @@ from diffboost import _ext
 from diffboost.ops import BackendUnavailableError, dispatch_log, w4a4_gemm, w4a4_linear, w4a4_quantize_act
 from diffboost.ops.w4a4 import (
     gemm_cpu,
+    gemm_cuda,
     pack_int4,
     quantize_act_cpu,
     unpack_int4,
@@ -27,7 +28,8 @@ from diffboost.ops.w4a4 import (
 HAS_CUDA = torch.cuda.is_available()
 CPU_LEVELS = tuple(_ext.build_info().get("cpu_simd_compiled", ()))
 CPU_SUPPORTED = set(_ext.build_info().get("cpu_simd_supported", ()))
-BACKENDS = [f"cpu-{level}" for level in CPU_LEVELS] + ["triton"]
+QUANTIZE_BACKENDS = [f"cpu-{level}" for level in CPU_LEVELS] + ["triton"]
+GEMM_BACKENDS = ["cuda", *QUANTIZE_BACKENDS]  # the CUDA extension has the GEMM; the activation pass runs in Triton
 # (M, K, N, G): every M the issue names; K and N multiples of G but not of the kernels' tiles (CPU: 64 x 128,
 # register blocks of 8-column vectors; Triton: 64 x 64 under the interpreter), and N not a multiple of 8 or 16 too.
 CASES = [(1, 192, 320, 64), (7, 256, 100, 32), (77, 384, 200, 128), (300, 192, 136, 64)]
@@ -42,11 +44,22 @@ def _skip_unless_runs(backend: str) -> torch.device:
         return torch.device("cpu")
     if backend == "triton":
         return torch.device("cuda" if HAS_CUDA else "cpu")  # CPU: TRITON_INTERPRET=1 (conftest)
+    if backend == "cuda":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA GPU")
+        if not _ext.build_info().get("cuda"):
+            pytest.skip(f"_C has no CUDA kernels: {_ext.build_info().get('cuda_disabled_by')}")
+        return torch.device("cuda")
     raise AssertionError(backend)
 
 
 def _out_dtypes(backend: str) -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.bfloat16) if backend.startswith("cpu-") else (torch.float16, torch.bfloat16)
+
+
+def _exact_out_dtype(backend: str) -> torch.dtype:
+    """The output dtype the integer test uses: fp32 where the backend writes it (exact for these sums)."""
+    return torch.float16 if backend == "cuda" else torch.float32
 
 
 def _poisoned_quantize_outputs(m, k, g, rank, device):
@@ -73,6 +86,8 @@ def gemm_with(backend, qx, ascales, qweight, wscales, lora_act, lora_up, bias, o
     out = torch.full((qx.shape[0], qweight.shape[0]), float("nan"), dtype=out_dtype, device=qx.device)
     if backend.startswith("cpu-"):
         gemm_cpu(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out, level=backend[4:])
+    elif backend == "cuda":
+        gemm_cuda(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out)
     else:
         from diffboost.kernels import w4a4 as kernels
 
@@ -152,7 +167,7 @@ def test_pack_rejects_odd_length_and_wrong_dtype():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 @pytest.mark.parametrize("m,k,n,g", CASES)
 def test_quantize_matches_reference(backend, m, k, n, g):
     device = _skip_unless_runs(backend)
@@ -170,7 +185,7 @@ def test_quantize_matches_reference(backend, m, k, n, g):
         assert ((lr.double() - ref_lr.double()).abs() <= bound).all(), f"{dtype}: low-rank activations"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_quantize_without_smoothing_or_low_rank(backend):
     device = _skip_unless_runs(backend)
     x = torch.randn(9, 128, device=device, dtype=torch.bfloat16)
@@ -179,7 +194,7 @@ def test_quantize_without_smoothing_or_low_rank(backend):
     assert torch.equal(qx, ref_qx) and torch.equal(ascales, ref_scales) and lr.shape == (9, 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)
 def test_quantize_rounds_half_to_even_and_zero_groups(backend):
     device = _skip_unless_runs(backend)
     # Group absmax 7 makes the quantizer's multiplier exactly 1: halves must round to even, as torch.round does.
@@ -196,21 +211,23 @@ def test_quantize_rounds_half_to_even_and_zero_groups(backend):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 @pytest.mark.parametrize("m,k,n,g", CASES)
 def test_gemm_integer_part_is_exact(backend, m, k, n, g):
-    """Unit scales, fp32 output: the result is the sum of the group dot products, an exact integer."""
+    """Unit scales: the result is the exact integer sum of the group dot products, rounded once to the output
+    dtype (fp32 holds these sums exactly, so that is the only rounding)."""
     device = _skip_unless_runs(backend)
+    out_dtype = _exact_out_dtype(backend)
     qx = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device=device)
     qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
     ones_a = torch.ones(k // g, m, device=device)
-    ones_w = torch.ones(k // g, n, device=device, dtype=torch.bfloat16)
-    out = gemm_with(backend, qx, ones_a, qweight, ones_w, None, None, None, torch.float32)
+    ones_w = torch.ones(k // g, n, device=device, dtype=torch.float16 if backend == "cuda" else torch.bfloat16)
+    out = gemm_with(backend, qx, ones_a, qweight, ones_w, None, None, None, out_dtype)
     exact = unpack_int4(qx).long() @ unpack_int4(qweight).long().t()
-    assert torch.equal(out.double(), exact.double())
+    assert torch.equal(out, exact.to(out_dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 @pytest.mark.parametrize("m,k,n,g", CASES)
 def test_gemm_matches_reference(backend, m, k, n, g):
     device = _skip_unless_runs(backend)
@@ -364,17 +381,18 @@ def test_compiles_fullgraph():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
 @pytest.mark.parametrize("out_dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("m,k,n", [(4608, 3072, 3072), (4608, 3072, 12288), (4096, 640, 640), (333, 1280, 1288)])
-def test_gpu_real_sizes(m, k, n, out_dtype):
-    device = torch.device("cuda")
+def test_gpu_real_sizes(m, k, n, out_dtype, backend):
+    device = _skip_unless_runs(backend)
     layer = _layer_args(k, n, 64, 32, out_dtype, device)
     x = torch.randn(m, k, device=device, dtype=out_dtype)
     quantized = quantize_with("triton", x, 64, layer["smooth"], layer["lora_down"])
     ref_q = w4a4_quantize_act_reference(x, 64, layer["smooth"], layer["lora_down"])
     assert torch.equal(quantized[0], ref_q[0]) and torch.equal(quantized[1], ref_q[1])
     args = (*quantized[:2], layer["qweight"], layer["wscales"], quantized[2], layer["lora_up"], layer["bias"])
-    out = gemm_with("triton", *args, out_dtype)
+    out = gemm_with(backend, *args, out_dtype)
     ref = reference_before_rounding(*args, out_dtype)
     assert_gemm_close(out, ref, gemm_error_bound(*args, ref, out_dtype))
 

@@ -172,3 +172,22 @@ def test_gpu_module_matches_cpu_reference():
     out = layer.cuda()(x.cuda()).cpu()
     ref = W4A4Linear.from_linear(linear, rank=32, smooth=smooth, backend="reference")(x)
     assert sqnr_db(out.float(), ref.float()) > 40  # identical up to bf16 rounding of the output
+
+
+def test_benchmark_script_quick(tmp_path):
+    """benchmarks/bench_w4a4.py --quick runs end to end on this machine and records every row."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks import bench_w4a4
+
+    assert bench_w4a4.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("w4a4-quick-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {row["status"] for row in rows} <= {"ok", "skipped"}
+    w4a4 = [row for row in rows if row["name"].startswith("w4a4-")]
+    assert w4a4 and all(row["status"] == "ok" and row["metrics"]["sqnr_db"] > 15 for row in w4a4)

@@ -52,7 +52,6 @@ constexpr int kNT = kWarpN / 8;
 
 template <int G>
 struct Tile {
-  static constexpr int kRowBytes = G / 2;
   static constexpr int kStride = G == 32 ? 48 : G / 2 + 16;
   static constexpr int kOperandBytes = kBM * kStride;  // kBM == kBN
   static constexpr int kStageBytes = 2 * kOperandBytes;
@@ -71,10 +70,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// 4 nibbles (bits 0-3 of each byte) -> 4 signed bytes.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// 4 nibbles (bits 0-3 of each byte) -> 4 signed bytes (the INT8 path only).
 __device__ __forceinline__ std::uint32_t sign_extend_nibbles(std::uint32_t v) {
   return __vsub4(v ^ 0x08080808u, 0x08080808u);
 }
+#endif
 
 __device__ __forceinline__ std::uint32_t load_u32(const std::uint8_t* p) {
   return *reinterpret_cast<const std::uint32_t*>(p);

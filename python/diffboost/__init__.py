@@ -1,7 +1,7 @@
 """diffboost: GPU kernels and compression methods that make diffusers pipelines faster and smaller, in place.
 
     import diffboost
-    diffboost.patch(pipe, attention="int8")   # fused INT8-QK attention in every denoiser
+    diffboost.patch(pipe, attention="int8", cache=3)   # fused INT8-QK attention + DeepCache / block caching
     image = pipe(prompt).images[0]
     diffboost.unpatch(pipe)                   # the pipeline is exactly as it was
 
@@ -11,8 +11,20 @@ Kernels are reachable directly too: :func:`diffboost.ops.attention`. ``diffboost
 
 __version__ = "0.1.0"
 
-from diffboost import ops
+from diffboost import cache, ops
+from diffboost.cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
 from diffboost.integrations.attention import AttentionConfig
 from diffboost.patching import is_patched, patch, unpatch
 
-__all__ = ["AttentionConfig", "__version__", "is_patched", "ops", "patch", "unpatch"]
+__all__ = [
+    "AttentionConfig",
+    "BlockCacheConfig",
+    "DeepCacheConfig",
+    "EncoderPropagationConfig",
+    "__version__",
+    "cache",
+    "is_patched",
+    "ops",
+    "patch",
+    "unpatch",
+]

@@ -84,6 +84,9 @@ def patch(pipe: Any, **features: Any) -> Any:
         pipe: a diffusers pipeline (its ``unet`` / ``transformer`` / ``controlnet`` are patched) or a denoiser module.
         attention: ``"exact"``, ``"int8"`` or a :class:`diffboost.AttentionConfig`: fused Triton attention in every
             supported attention layer of the denoisers.
+        cache: an int (DeepCache with that interval on U-Nets, uniform block caching on DiTs) or a
+            :class:`diffboost.DeepCacheConfig` / :class:`diffboost.EncoderPropagationConfig` /
+            :class:`diffboost.BlockCacheConfig`; :func:`diffboost.cache.stats` reports what the last call ran.
         Other keywords are listed by ``diffboost info`` (each feature registers one). ``None`` leaves a feature off.
 
     Calling ``patch`` again replaces the previous patch; :func:`unpatch` restores the original exactly. If a

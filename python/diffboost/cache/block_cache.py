@@ -238,7 +238,7 @@ class BlockCache(DenoiserCache):
             mode = _RECORD if forced else _SKIP
         else:
             mode = _FIRST_FULL if forced else _PROBE
-        if state is None or forced and mode is _RUN:
+        if state is None or mode is _RUN:
             state = self._store[slot] = {}
         self._mode, self._state = mode, state
         try:

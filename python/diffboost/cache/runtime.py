@@ -234,12 +234,14 @@ class StepTracker:
         return self.index // self.order, slot
 
     def future_timesteps(self, steps: list[int]) -> torch.Tensor | None:
-        """The timesteps the loop will pass at ``steps`` (first-order schedulers only), else ``None``."""
+        """The timesteps the loop will pass at ``steps``, else ``None``: known for first-order schedulers when the loop
+        runs over ``scheduler.timesteps[begin_index:]`` (not, e.g., when SDXL's ``denoising_end`` cuts it short)."""
         timesteps = getattr(self._scheduler, "timesteps", None)
         if self.order != 1 or self.num_calls is None or not isinstance(timesteps, torch.Tensor):
             return None
-        offset = len(timesteps) - self.num_calls
-        if offset < 0 or max(steps) + offset >= len(timesteps):
+        begin = getattr(self._scheduler, "begin_index", None)
+        offset = begin if isinstance(begin, int) else 0
+        if offset + self.num_calls != len(timesteps) or max(steps) >= self.num_calls:
             return None
         return timesteps[[offset + step for step in steps]]
 

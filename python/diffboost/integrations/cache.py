@@ -65,10 +65,10 @@ def install(pipe: Any, config: CacheConfig | int) -> StepTracker:
         raise ValueError(f"diffboost.patch: cache=BlockCacheConfig(...) is for transformer denoisers; this "
                          f"pipeline's {name} is a {kind}: use diffboost.DeepCacheConfig or EncoderPropagationConfig")
 
-    method = {DeepCacheConfig: DeepCacheUNet, EncoderPropagationConfig: EncoderPropagationUNet,
-              BlockCacheConfig: BlockCache}[type(config)]
-    tracker = StepTracker(pipe, method.method)
-    main = method(tracker, name, denoiser, config)
+    cache_class = {DeepCacheConfig: DeepCacheUNet, EncoderPropagationConfig: EncoderPropagationUNet,
+                   BlockCacheConfig: BlockCache}[type(config)]
+    tracker = StepTracker(pipe, cache_class.method)
+    main = cache_class(tracker, name, denoiser, config)
     tracker.caches.append(main)
     if is_unet and "controlnet" in found:
         tracker.caches.append(ControlNetCache(tracker, "controlnet", found["controlnet"], leader=main))

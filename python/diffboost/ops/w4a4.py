@@ -28,8 +28,9 @@ GEMM: ``out = sum_g (qx_g . qw_g) * (ascale_g * wscale_g) + lr @ lora_up + bias`
 the up-projection (the 16-bit tensor-core path of the kernels), output in x's dtype. Backends differ from each
 other only by the order of the fp32 sums.
 
-Backends, in priority order: ``cuda`` (``_C``, mma.sync INT4 on sm80-89, INT8 on sm90), ``cpu`` (``_C``, AVX-512
-VNNI / AVX2 / scalar, multithreaded), ``triton`` (``kernels/w4a4.py``, INT8 tensor-core dots), ``reference``.
+Backends, in priority order: ``cuda`` (GEMM only: ``_C``, mma.sync INT4 on sm80-89, INT8 on sm90), ``cpu`` (``_C``,
+AVX-512 VNNI / AVX2 / scalar, multithreaded), ``triton`` (``kernels/w4a4.py``, INT8 tensor-core dots), ``reference``.
+On a GPU the activation pass runs in Triton.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "W4A4_GEMM_OP",
     "W4A4_QUANTIZE_OP",
     "gemm_cpu",
+    "gemm_cuda",
     "pack_int4",
     "quantize_act_cpu",
     "unpack_int4",
@@ -258,6 +260,41 @@ def _cpu_gemm(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype)
     return out
 
 
+_CUDA_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def gemm_cuda(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out) -> None:
+    """Launch the CUDA GEMM (``_C``) into ``out [M, N]`` on the current stream; ``wscales``, ``lora_up``, ``bias``
+    and ``out`` share one 16-bit dtype, ``qx``/``qweight`` are 16-byte aligned (see :func:`_cuda_check`)."""
+    from diffboost import _ext
+
+    m, n, k = qx.shape[0], qweight.shape[0], qx.shape[1] * 2
+    rank = _rank(lora_up, 0)
+    _ext.get_ext().w4a4_gemm_cuda(
+        qx.data_ptr(), ascales.data_ptr(), m, qweight.data_ptr(), wscales.data_ptr(), n, k, k // wscales.shape[0],
+        _ptr(lora_act) if rank else 0, _ptr(lora_up), rank, _ptr(bias), out.data_ptr(), _CUDA_DTYPE_CODES[out.dtype],
+        out.stride(0), torch.cuda.current_stream(out.device).cuda_stream,
+    )
+
+
+def _cuda_check(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype) -> list[str]:
+    reasons = []
+    for name, t in (("wscales", wscales), ("lora_up", lora_up), ("bias", bias)):
+        if t is not None and t.dtype != out_dtype:
+            reasons.append(f"{name} dtype {t.dtype} differs from the output dtype {out_dtype}")
+    for name, t in (("qx", qx), ("qweight", qweight)):
+        if t.data_ptr() % 16:
+            reasons.append(f"{name} is not 16-byte aligned (cp.async)")
+    return reasons
+
+
+def _cuda_gemm(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype):
+    out = torch.empty(qx.shape[0], qweight.shape[0], dtype=out_dtype, device=qx.device)
+    with _cuda_device(qx):
+        gemm_cuda(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out)
+    return out
+
+
 def _reference_quantize(x, smooth, lora_down, group_size):
     return w4a4_quantize_act_reference(x, group_size, smooth, lora_down)
 
@@ -291,6 +328,18 @@ W4A4_QUANTIZE_OP.register(
     Backend(name="reference", impl=_reference_quantize, description="PyTorch fp32 reference (test oracle)")
 )
 
+W4A4_GEMM_OP.register(
+    Backend(
+        name="cuda",
+        impl=_cuda_gemm,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        needs=("_C.cuda",),
+        min_capability=(8, 0),
+        check=_cuda_check,
+        description="CUDA W4A4 GEMM: mma.sync INT4 (sm80-89) / INT8 (sm90+), fp32 group scaling, fused epilogue",
+    )
+)
 W4A4_GEMM_OP.register(
     Backend(
         name="cpu",
@@ -521,7 +570,7 @@ def w4a4_gemm(
         lora_act, lora_up: ``fp32 [M, r]`` (from the activation pass) and ``[r, N]``, both or neither.
         bias: ``[N]`` or None.
         out_dtype: fp16, bf16 or fp32.
-        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cuda"``, ``"cpu"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         ``[M, N]`` in ``out_dtype``.
@@ -547,7 +596,8 @@ def w4a4_linear(
         x: ``[..., K]`` fp16/bf16/fp32, any strides.
         qweight, wscales, smooth, lora_down, lora_up, bias: the layer in the documented layout (module docstring);
             the group size is ``K / wscales.shape[0]``.
-        backend: ``"auto"`` or one backend name for both steps.
+        backend: ``"auto"`` or one backend name for both steps (``"cuda"`` exists for the GEMM only: the
+            activation pass then runs in Triton).
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -566,7 +616,8 @@ def w4a4_linear(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    qx, ascales, lr = _quantize_entry()(x2, smooth, lora_down, k // groups, backend)
+    quantize_backend = "triton" if backend == "cuda" else backend  # the CUDA extension has the GEMM only
+    qx, ascales, lr = _quantize_entry()(x2, smooth, lora_down, k // groups, quantize_backend)
     lora_act = lr if lora_up is not None else None
     out = _gemm_entry()(qx, ascales, qweight, wscales, lora_act, lora_up, bias, x.dtype, backend)
     return out.view(*lead, qweight.shape[0])
