@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = CUDA_SHAPES
     else:
         shapes = CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
-    timing = {"warmup_ms": 10, "rep_ms": 30} if args.quick else {"warmup_ms": 200, "rep_ms": 2000}
+    timing = {"warmup_ms": 10, "rep_ms": 30} if args.quick else {"warmup_ms": 200, "rep_ms": 5000}
     rows = run_cases(build_cases(shapes, device), **timing)
     argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
     name = "w4a4-quick" if args.quick else "w4a4"

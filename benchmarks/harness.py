@@ -32,16 +32,11 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import importlib
-import importlib.metadata
 import itertools
 import json
 import math
-import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,18 +45,11 @@ from typing import Any, ContextManager, TextIO
 
 import torch
 
+from diffboost.bench.machine import cpu_cache_bytes
+from diffboost.bench.machine import machine_info as _machine_info
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-
-#: Packages whose versions every results file records; scripts add their peers via ``packages=``.
-DEFAULT_PACKAGES = ("torch", "triton", "numpy", "diffboost")
-
-#: Environment variables that change what gets measured, recorded when set.
-RECORDED_ENV = ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "TORCH_CUDNN_SDPA_ENABLED", "PYTORCH_CUDA_ALLOC_CONF")
-
-#: Assumed last-level cache size when sysfs does not say (typical of one server CPU complex).
-FALLBACK_CPU_CACHE_BYTES = 32 * 2**20
 
 #: Significant digits kept for floats in results files: keeps float noise (0.30000000000000004) out of
 #: diffs while resolving cosine similarities such as 0.99999963.
@@ -127,115 +115,10 @@ class Case:
 # Machine description
 # --------------------------------------------------------------------------------------------------
 
-def _package_version(name: str) -> str | None:
-    """Version of a package: the loaded module's ``__version__`` (it keeps local tags such as torch's
-    ``+cu130``), else the installed distribution's, else that of an importable source checkout."""
-    loaded = sys.modules.get(name)
-    if loaded is not None and hasattr(loaded, "__version__"):
-        return str(loaded.__version__)
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        module = importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - a broken peer must not stop the benchmark from recording the rest
-        return None
-    return str(getattr(module, "__version__", "unknown"))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def cpu_cache_bytes() -> int:
-    """Size of the largest (last-level) CPU cache visible to cpu0, from sysfs; a fixed guess elsewhere."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        match = re.fullmatch(r"(\d+)([KMG]?)", text)
-        if match:
-            sizes.append(int(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2)])
-    return max(sizes, default=FALLBACK_CPU_CACHE_BYTES)
-
-
-def _git_state() -> dict[str, Any] | None:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None  # no git, no repository (a copied tree) or no commit yet
-    return {"commit": commit, "dirty": dirty}
-
-
-def _gpu_info() -> dict[str, Any] | None:
-    if not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    return {
-        "name": props.name,
-        "capability": f"{props.major}.{props.minor}",
-        "sm_count": props.multi_processor_count,
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "l2_cache_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
-        "count": torch.cuda.device_count(),
-    }
-
-
 def machine_info(packages: Iterable[str] = ()) -> dict[str, Any]:
-    """Describe the machine and software a benchmark ran on.
-
-    Returns a dict with ``device`` (``"cuda"`` or ``"cpu"``), ``gpu`` (name, compute capability, SM count,
-    memory, L2 size; ``None`` without CUDA), ``cpu`` (model, cores, torch threads, last-level cache),
-    ``versions`` (python, torch, CUDA, cuDNN, triton, numpy, diffboost and ``packages``; ``None`` when
-    absent), ``git`` (commit and dirty flag, when available), ``platform`` and the set ``env`` variables
-    that affect timings.
-    """
-    versions: dict[str, Any] = {
-        "python": platform.python_version(),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-    }
-    for name in (*DEFAULT_PACKAGES, *packages):
-        versions[name] = _package_version(name)
-    gpu = _gpu_info()
-    return {
-        "device": "cuda" if gpu else "cpu",
-        "gpu": gpu,
-        "cpu": {
-            "model": _cpu_model(),
-            "logical_cores": os.cpu_count(),
-            "available_cores": _available_cores(),
-            "torch_threads": torch.get_num_threads(),
-            "cache_mib": round(cpu_cache_bytes() / 2**20, 1),
-        },
-        "versions": versions,
-        "git": _git_state(),
-        "platform": platform.platform(),
-        "env": {name: os.environ[name] for name in RECORDED_ENV if name in os.environ},
-    }
+    """Describe the machine and software a benchmark ran on: :func:`diffboost.bench.machine.machine_info` (the
+    schema ``diffboost bench`` records too), with the git state of this checkout."""
+    return _machine_info(packages, git_dir=REPO_ROOT)
 
 
 def _slug(text: str) -> str:

@@ -15,7 +15,9 @@ GEMM (:func:`gemm`). Both operands stay packed in global memory. Per group, each
 with shifts (``(b << 4) >> 4`` and ``b >> 4`` on int8), the low/high halves are interleaved back into channel order
 (``join`` + ``reshape``, which only renames registers), and one ``tl.dot(int8, int8, out_dtype=int32)`` of depth G
 gives the exact group dot products (INT8 tensor cores: mma on sm80-89, wgmma on sm90, where no INT4 path exists).
-The group's two scale vectors are applied to the INT32 tile in fp32, outside the MMA loop body. The epilogue adds
+The group's two scale vectors are applied to the INT32 tile in fp32, outside the MMA loop body; the INT32 -> fp32
+conversion is an integer add and a float subtract (the same bias trick), full rate where the conversion instruction
+runs at a quarter. The epilogue adds
 ``lr @ lora_up`` (lr rounded to the output dtype, a 16-bit tensor-core dot with fp32 accumulation) and the bias.
 """
 
@@ -32,8 +34,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Opt-in autotuning, as for attention: each distinct (M, N, K) is tuned once per process.
 AUTOTUNE = os.environ.get("DIFFBOOST_AUTOTUNE", "0") not in ("", "0") and not _INTERPRET
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: y + magic - magic == round_half_even(y) for |y| < 2^22
-_AMAX_FLOOR = 1e-30  # diffboost.ops.w4a4.AMAX_FLOOR
+# Module-level values used inside kernels must be tl.constexpr (the interpreter accepts plain floats, the compiler
+# does not).
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: y + magic - magic == round_half_even(y) for |y| < 2^22
+_AMAX_FLOOR = tl.constexpr(1e-30)  # diffboost.ops.w4a4.AMAX_FLOOR
 
 # How the low-rank dots run: on 16-bit tensor cores when both operands share a 16-bit dtype, else in exact fp32
 # ("ieee": no TF32 rounding), which is also what the interpreter needs (its 16-bit dots are wrong).
@@ -135,8 +139,8 @@ def _gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows/columns read row 0 (wrapped) instead of being masked: every load is in bounds and
-    # unmasked, and the store below drops them.
+    # Out-of-range rows/columns wrap around to valid ones instead of being masked: every load is in bounds and
+    # unmasked, and the store below drops their results.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
     offs_h = tl.arange(0, G // 2)
@@ -149,8 +153,7 @@ def _gemm_kernel(
         dots = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
         a_scale = tl.load(AScale + g * M + rows)
         w_scale = tl.load(WScale + g * N + cols).to(tl.float32)
-        # int32 -> fp32 as 1.5 * 2^23 + dots - 1.5 * 2^23 (exact: |dots| <= 64 G < 2^22): an integer add and a float
-        # subtract at full rate instead of the quarter-rate conversion instruction.
+        # Exact: |dots| <= 64 G < 2^22.
         dots_f = (dots + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
         acc += dots_f * (a_scale[:, None] * w_scale[None, :])
         a_ptrs += G // 2

@@ -105,7 +105,7 @@ def test_run_benchmark_restores_the_pipeline_and_lists_what_does_not_apply(monke
     before = _images(pipe)
     variants, unbenchmarked = plan_variants(["refuser", "cache"])
     assert [v.name for v in variants] == ["unpatched", "refuser=on", "cache=3"] and not unbenchmarked
-    rows, notes = run_benchmark(lambda: pipe, variants, Settings(64, 64, steps=2, repeat=1, warmup=0),
+    rows, notes = run_benchmark(lambda: pipe, variants, Settings(64, 64, steps=1, repeat=1, warmup=0),
                                 device=torch.device("cpu"), progress=None)
     by_name = {row["name"]: row for row in rows}
     assert by_name["refuser=on"]["status"] == "n/a" and "no such layers" in by_name["refuser=on"]["reason"]

@@ -1,7 +1,8 @@
 """LinFusion-style linear attention module, its checkpoints, and ``diffboost.patch(pipe, linear_attention=...)``.
 
-Pipelines are the tiny random-weight SD preset; everything runs on CPU through the op's reference (inputs with
-grad) or its Triton kernel under the interpreter (inference), whichever the op picks.
+Pipelines are the tiny random-weight SD preset. The op's kernel is tested in test_linear_attention.py; here pipelines
+run the op's PyTorch reference (``backend="reference"``), except one run of the kernel inside the pipeline (under
+the Triton interpreter on CPU, which is slow per call).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+REFERENCE = LinearAttentionConfig(backend="reference")
 
 
 def run(pipe):
@@ -108,10 +112,12 @@ def test_patch_replaces_self_attention_only_and_unpatch_is_exact(tiny_sd):
             assert isinstance(module, GeneralizedLinearAttention), name
         elif name.endswith("attn2"):
             assert module is originals[name], "cross-attention must stay"
+    kernel = run(tiny_sd)
+    diffboost.patch(tiny_sd, linear_attention=REFERENCE)  # patching again replaces the previous patch
     patched = run(tiny_sd)
     assert torch.isfinite(patched).all()
     assert (patched - reference).abs().max() > 1e-4, "linear attention should change the output"
-    diffboost.patch(tiny_sd, linear_attention=True)  # patching again replaces the previous patch
+    torch.testing.assert_close(kernel, patched, atol=1e-5, rtol=0)
     diffboost.unpatch(tiny_sd)
     assert all(module is originals[name] for name, module in tiny_sd.unet.named_modules())
     assert torch.equal(run(tiny_sd), reference)
@@ -121,13 +127,13 @@ def test_patch_from_checkpoint_and_from_memory_agree(tiny_sd, tmp_path):
     modules = LinearAttentionModules.from_unet(tiny_sd.unet)
     perturb(modules)
     modules.save(tmp_path)
-    diffboost.patch(tiny_sd, linear_attention=LinearAttentionConfig(weights=tmp_path))
+    diffboost.patch(tiny_sd, linear_attention=LinearAttentionConfig(weights=tmp_path, backend="reference"))
     installed = {name: module for name, module in tiny_sd.unet.named_modules() if name.endswith("attn1")}
     for name, module in modules.items():
         for key, value in module.state_dict().items():
             assert torch.equal(installed[name].state_dict()[key], value), f"{name}.{key}"
     from_disk = run(tiny_sd)
-    diffboost.patch(tiny_sd, linear_attention=modules)
+    diffboost.patch(tiny_sd, linear_attention=LinearAttentionConfig(weights=modules, backend="reference"))
     assert torch.equal(run(tiny_sd), from_disk)
     assert next(iter(modules.items()))[1] is not tiny_sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     diffboost.unpatch(tiny_sd)
@@ -183,7 +189,7 @@ def test_mismatching_checkpoints_raise_and_leave_the_pipeline_unchanged(tiny_sd,
 
 def test_composes_with_fused_attention(tiny_sd):
     reference = run(tiny_sd)
-    diffboost.patch(tiny_sd, attention="exact", linear_attention=True)
+    diffboost.patch(tiny_sd, attention="exact", linear_attention=REFERENCE)
     attn2 = tiny_sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     assert type(attn2.processor).__module__ == "diffboost.integrations.attention"
     assert isinstance(tiny_sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1, GeneralizedLinearAttention)
@@ -199,6 +205,8 @@ def test_bad_configs_and_targets():
         LinearAttentionConfig(weights="somewhere", projection_mid_dim=32)
     with pytest.raises(ValueError, match="projection_mid_dim must be None, -1 or a positive int"):
         LinearAttentionConfig(projection_mid_dim=0)
+    with pytest.raises(ValueError, match="backend='cuda' not supported"):
+        LinearAttentionConfig(backend="cuda")
     with pytest.raises(TypeError, match="linear_attention must be"):
         diffboost.patch(torch.nn.Linear(2, 2), linear_attention=1.5)
     with pytest.raises(ValueError, match="has no U-Net self-attention"):

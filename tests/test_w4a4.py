@@ -9,6 +9,10 @@ every C++ SIMD level compiled in runs where the CPU supports it (the others are 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -114,12 +118,12 @@ def reference_before_rounding(qx, ascales, qweight, wscales, lora_act, lora_up, 
 
 
 def gemm_error_bound(qx, ascales, qweight, wscales, lora_act, lora_up, bias, ref, out_dtype):
-    """What fp32 rounding can account for: a unit roundoff of 2^-20 (headroom for the few additions per output
-    beyond the INT32 group sums) times the largest magnitude any backend's fp32 sums may reach (the CPU kernels
-    add 8 to every weight nibble and subtract the excess in the epilogue), plus rounding the result to out_dtype."""
-    a = (unpack_int4(qx).double().abs() + 8).view(qx.shape[0], ascales.shape[0], -1) * ascales.t().double().unsqueeze(-1)
-    w = (unpack_int4(qweight).double().abs() + 8).view(qweight.shape[0], ascales.shape[0], -1)
-    w = w * wscales.t().double().unsqueeze(-1)
+    """What fp32 rounding can account for: a unit roundoff of 2^-20 (headroom for the few fp32 operations per group
+    and output) times the sum of the magnitudes of every term, plus rounding the result to out_dtype."""
+    groups = ascales.shape[0]
+    a = unpack_int4(qx).double().abs().view(qx.shape[0], groups, -1) * ascales.t().double().abs().unsqueeze(-1)
+    w = unpack_int4(qweight).double().abs().view(qweight.shape[0], groups, -1)
+    w = w * wscales.t().double().abs().unsqueeze(-1)
     bound = a.flatten(1) @ w.flatten(1).t()
     if lora_up is not None:
         bound += lora_act.to(out_dtype).double().abs() @ lora_up.double().abs()
@@ -258,6 +262,47 @@ def test_gemm_cpu_level_errors():
     for level in missing:
         with pytest.raises(RuntimeError, match="does not support"):
             gemm_cpu(*args, level=level)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from diffboost.kernels import w4a4 as k
+
+def build(fn, pointers, consts, arch, tensor_cores=True, **options):
+    signature = {**pointers, "M": "i32", "N": "i32", "K": "i32", "stride": "i32", **{c: "constexpr" for c in consts}}
+    if fn is k._quantize_act_kernel:
+        signature = {**pointers, "M": "i32", "K": "i32", "stride_xm": "i32", **{c: "constexpr" for c in consts}}
+    else:
+        signature["stride_om"] = signature.pop("stride")
+    ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                         target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    assert ("mma" in ptx) == tensor_cores, "tensor-core instructions where none were expected, or the opposite"
+
+gemm = dict(QX="*u8", AScale="*fp32", QW="*u8", WScale="*fp16", LR="*fp32", Up="*fp16", Bias="*fp16")
+for arch, group, out in ((80, 32, "fp16"), (90, 64, "bf16")):
+    pointers = {**gemm, "Out": "*" + out}
+    consts = dict(G=group, R=32, HAS_LORA=True, LORA_DOT=1, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, GROUP_M=8)
+    build(k._gemm_kernel, pointers, consts, arch, num_warps=8, num_stages=4)
+for arch, x in ((90, "bf16"),):
+    pointers = dict(X="*" + x, Smooth="*bf16", Down="*bf16", QX="*u8", AScale="*fp32", LR="*fp32")
+    native = x != "fp32"  # bf16 x with bf16 lora_down: the low-rank dot on 16-bit tensor cores; fp32: exact FMAs
+    consts = dict(G=128, R=32, HAS_SMOOTH=True, HAS_LORA=True, LORA_DOT=0 if native else 1, BLOCK_M=32)
+    build(k._quantize_act_kernel, pointers, consts, arch, native, num_warps=4, enable_fp_fusion=False)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile and run the kernels")
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """The interpreter accepts programs the compiler rejects (e.g. a non-constexpr global inside a kernel): compile
+    both kernels for Ampere and Hopper targets (no GPU needed), in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,13 @@ def test_forced_backend_and_input_dtypes():
         torch.testing.assert_close(out, ref, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
 
 
+def test_empty_batch(device):
+    layer = W4A4Linear.from_linear(nn.Linear(64, 32), group_size=32, rank=16, smooth=torch.rand(64) + 0.5).to(device)
+    for shape in ((0, 64), (2, 0, 64)):
+        out = layer(torch.randn(shape, device=device))
+        assert out.shape == (*shape[:-1], 32)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

@@ -80,8 +80,8 @@ void quantize(SimdLevel level, QuantizeArgs args, const float* smooth, int threa
   check_shape(op, args.k, args.group, args.rank);
   check(args.m >= 0 && args.x_stride >= args.k, op, "need m >= 0 and x_stride >= k");
   check(args.x_dtype == kFloat32 || args.x_dtype == kBFloat16, op, "x_dtype must be 0 (fp32) or 1 (bf16)");
+  if (args.m == 0) return;  // empty tensors may have null data pointers
   check(args.rank == 0 || (args.down != nullptr && args.lr != nullptr), op, "rank > 0 needs down and lr");
-  if (args.m == 0) return;
   std::vector<float> inverse;
   if (smooth != nullptr) {
     inverse.resize(static_cast<size_t>(args.k));
@@ -104,21 +104,22 @@ void gemm(SimdLevel level, const GemmArgs& args, int threads) {
   check_shape(op, args.k, args.group, args.rank);
   check(args.m >= 0 && args.n >= 0 && args.out_stride >= args.n, op, "need m, n >= 0 and out_stride >= n");
   check(args.out_dtype == kFloat32 || args.out_dtype == kBFloat16, op, "out_dtype must be 0 (fp32) or 1 (bf16)");
+  if (args.m == 0 || args.n == 0) return;  // empty tensors may have null data pointers
   check(args.rank == 0 || (args.lr != nullptr && args.up != nullptr), op, "rank > 0 needs lr and up");
-  if (args.m == 0 || args.n == 0) return;
   const int64_t tiles_m = (args.m + kTileM - 1) / kTileM;
   const int64_t tiles_n = (args.n + kTileN - 1) / kTileN;
   const int64_t workers = std::max(1, threads);
   struct Scratch {
     std::vector<int8_t> act;
-    std::vector<float> corr, lr, tile, wscales;
+    std::vector<int32_t> act_sums;
+    std::vector<float> lr, tile, wscales;
     std::vector<uint8_t> weights;
   };
   const int64_t groups = args.k / args.group;
   std::vector<Scratch> scratch(static_cast<size_t>(std::min(workers, tiles_m * tiles_n)));
   for (Scratch& s : scratch) {
     s.act.resize(static_cast<size_t>(kTileM * args.k));
-    s.corr.resize(static_cast<size_t>(kTileM * groups));
+    s.act_sums.resize(static_cast<size_t>(kTileM * groups));
     s.lr.resize(static_cast<size_t>(kTileM * args.rank));
     s.tile.resize(static_cast<size_t>(kTileM * kTileN));
     s.weights.resize(static_cast<size_t>(kTileN * args.k / 2));
@@ -127,7 +128,8 @@ void gemm(SimdLevel level, const GemmArgs& args, int threads) {
   // Column tiles outer: a thread's consecutive tiles share their columns, whose weights it re-lays out once.
   parallel_for(tiles_m * tiles_n, 1, threads, [&](int t, int64_t begin, int64_t end) {
     Scratch& s = scratch[t];
-    GemmWorkspace ws{s.act.data(), s.corr.data(), s.lr.data(), s.tile.data(), s.weights.data(), s.wscales.data()};
+    GemmWorkspace ws{s.act.data(), s.act_sums.data(), s.lr.data(), s.tile.data(), s.weights.data(),
+                     s.wscales.data()};
     int64_t rows_done = -1, columns_done = -1;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t tn = tile / tiles_m, tm = tile % tiles_m;

@@ -64,7 +64,7 @@ struct GemmArgs {
 // below; each level uses what it needs, laid out its own way.
 struct GemmWorkspace {
   int8_t* act;       // kTileM * k bytes: the tile's activations, unpacked
-  float* corr;       // kTileM * (k / group): per row and group epilogue terms
+  int32_t* act_sums; // kTileM * (k / group): per row and group sums of the activations
   float* lr;         // kTileM * rank: the tile's lr rows rounded to the output dtype
   float* tile;       // kTileM * kTileN: fp32 results before the epilogue
   uint8_t* weights;  // kTileN * k / 2 bytes: the column tile's weights, re-laid out

@@ -11,9 +11,10 @@ Kernels are reachable directly too: :func:`diffboost.ops.attention`. ``diffboost
 
 __version__ = "0.1.0"
 
-from diffboost import cache, ops
+from diffboost import cache, linear, ops
 from diffboost.cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
 from diffboost.integrations.attention import AttentionConfig
+from diffboost.integrations.linear_attention import LinearAttentionConfig
 from diffboost.patching import is_patched, patch, unpatch
 
 __all__ = [
@@ -21,9 +22,11 @@ __all__ = [
     "BlockCacheConfig",
     "DeepCacheConfig",
     "EncoderPropagationConfig",
+    "LinearAttentionConfig",
     "__version__",
     "cache",
     "is_patched",
+    "linear",
     "ops",
     "patch",
     "unpatch",

@@ -21,10 +21,11 @@ DEFAULT_PRESET = "sd15"
 #: GPU defaults are the model's native resolution and these steps; FLUX.1-dev is usually sampled with 28.
 GPU_STEPS = 50
 GPU_STEPS_BY_PIPELINE = {"FluxPipeline": 28}
-#: On a CPU a model runs with this many steps and, above TINY_MAX_RESOLUTION, at half its native resolution, so
-#: the default run of every variant finishes in a few minutes.
+#: On a CPU a model runs with this many steps and, above TINY_MAX_RESOLUTION, at a quarter of its native
+#: resolution (SD 1.5: 128 px), so the default run of every variant finishes in a few minutes: SD 1.5's U-Net at
+#: 256 px already takes 4-17 s per step on 2 cores.
 CPU_STEPS = 10
-CPU_SCALE = 2
+CPU_SCALE = 4
 TINY_MAX_RESOLUTION = 128
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 #: Memory a pipeline needs beyond its weights (activations, VAE decode, allocator slack), as a fraction.
@@ -118,8 +119,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--steps", type=_positive_int,
                         help="denoising steps (default: 50 on a GPU, 28 for FLUX; 10 on a CPU)")
     parser.add_argument("--size", type=_size, metavar="N|HxW",
-                        help="image size in px, a multiple of 8 (default: the model's; on a CPU, half of it above "
-                             "128 px)")
+                        help="image size in px, a multiple of 8 (default: the model's; on a CPU, a quarter of it "
+                             "above 128 px)")
     parser.add_argument("--batch", type=_positive_int, default=1, help="prompts per call (default 1)")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="auto: bf16 on a GPU, fp32 on a CPU")
@@ -180,7 +181,7 @@ def _preset_bytes(preset: str, dtype: torch.dtype) -> int:
     for role in get_preset(preset).components:
         if role != "scheduler":
             count += sum(p.numel() for p in build_component(preset, role, device="meta").parameters())
-    return count * torch.empty((), dtype=dtype).element_size()
+    return count * dtype.itemsize
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -234,8 +235,8 @@ def _gpu_steps(pipeline: str) -> int:
 
 
 def _size_defaults(settings: dict[str, Any], args: argparse.Namespace, native: int) -> None:
-    """Default size: the model's native one, halved on a CPU above TINY_MAX_RESOLUTION; on a CPU, a note saying
-    what was reduced from the GPU defaults."""
+    """Default size: the model's native one, divided by CPU_SCALE on a CPU above TINY_MAX_RESOLUTION; on a CPU, a
+    note saying what was reduced from the GPU defaults."""
     cpu = settings["device"].type == "cpu"
     if settings["size"] is None:
         side = native // CPU_SCALE // 16 * 16 if cpu and native > TINY_MAX_RESOLUTION else native
@@ -311,7 +312,8 @@ def _command(args: argparse.Namespace) -> str:
 
 def _machine_line(machine: dict[str, Any]) -> str:
     cpu = machine["cpu"]
-    host = f"{cpu['model']} ({cpu['available_cores']} cores, {cpu['torch_threads']} torch threads)"
+    host = f"{cpu['model']} ({cpu['available_cores']} cores, {cpu['torch_threads']} torch threads"
+    host += f", load average {cpu['load_average_1m']} at the end)" if cpu.get("load_average_1m") is not None else ")"
     gpu = machine.get("gpu")
     return f"{gpu['name']} (sm_{gpu['capability'].replace('.', '')}); host {host}" if gpu else host
 

@@ -119,7 +119,8 @@ def machine_info(packages: Iterable[str] = (), git_dir: str | Path | None = None
 
     Returns:
         A dict with ``device`` (``"cuda"`` or ``"cpu"``), ``gpu`` (name, compute capability, SM count, memory,
-        L2 size; ``None`` without CUDA), ``cpu`` (model, cores, torch threads, last-level cache), ``versions``
+        L2 size; ``None`` without CUDA), ``cpu`` (model, cores, torch threads, last-level cache, 1-minute load
+        average), ``versions``
         (python, CUDA, cuDNN, torch, triton, numpy, diffboost and ``packages``; ``None`` when absent), ``git``
         (commit and dirty flag, when available), ``platform`` and the set ``env`` variables that affect timings.
     """
@@ -140,6 +141,8 @@ def machine_info(packages: Iterable[str] = (), git_dir: str | Path | None = None
             "available_cores": _available_cores(),
             "torch_threads": torch.get_num_threads(),
             "cache_mib": round(cpu_cache_bytes() / 2**20, 1),
+            # Other work on the machine slows CPU timings down; the 1-minute load average shows how busy it was.
+            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         },
         "versions": versions,
         "git": _git_state(Path(git_dir) if git_dir is not None else Path(__file__).resolve().parent),

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 
 from diffboost.linear.modules import LinearAttentionModules, check_projection_mid_dim
+from diffboost.ops.linear_attention import LINEAR_ATTENTION_OP
 from diffboost.patching import Feature, denoisers, register_feature
 
 logger = logging.getLogger("diffboost")
@@ -35,10 +36,13 @@ class LinearAttentionConfig:
             module from the self-attention it replaces (before distillation).
         projection_mid_dim: hidden width of the residual projections when ``weights`` is None (None = model width,
             -1 = none), as LinFusion's ``projection_mid_dim``.
+        backend: backend of :func:`diffboost.ops.linear_attention` (``"auto"``: the Triton kernel where it runs,
+            else the PyTorch reference; or force ``"triton"`` / ``"reference"``).
     """
 
     weights: Union[str, os.PathLike, LinearAttentionModules, None] = None
     projection_mid_dim: Optional[int] = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not (self.weights is None or isinstance(self.weights, (str, os.PathLike, LinearAttentionModules))):
@@ -49,6 +53,11 @@ class LinearAttentionConfig:
         check_projection_mid_dim(self.projection_mid_dim, "LinearAttentionConfig")
         if self.projection_mid_dim is not None and self.weights is not None:
             raise ValueError("LinearAttentionConfig: projection_mid_dim applies only with weights=None")
+        backends = ["auto"] + [b.name for b in LINEAR_ATTENTION_OP.backends]
+        if self.backend not in backends:
+            raise ValueError(
+                f"LinearAttentionConfig.backend={self.backend!r} not supported ({', '.join(map(repr, backends))})"
+            )
 
 
 def unet_of(pipe: Any) -> torch.nn.Module:
@@ -86,6 +95,7 @@ def install(pipe: Any, config: LinearAttentionConfig) -> list[tuple[torch.nn.Mod
         like = next(p for p in original.parameters() if p.is_floating_point())
         parent_name, _, attribute = name.rpartition(".")
         parent = unet.get_submodule(parent_name)
+        new.backend = config.backend
         swaps.append((parent, attribute, original, new.to(device=like.device, dtype=like.dtype).eval()))
     changed = []
     for parent, attribute, original, new in swaps:

@@ -177,8 +177,12 @@ def distill(
 
     _check_args(steps, lr, grad_accum, batch_size, num_inference_steps, save_every, checkpoint_dir, pipeline_kwargs)
     check_projection_mid_dim(projection_mid_dim, "distill")
+    if init is not None and resume_from is not None:
+        raise ValueError("distill: pass init or resume_from, not both (a checkpoint carries its own weights)")
     if "linear_attention" in patched_features(pipe):
-        raise ValueError("distill: the pipeline is patched with linear_attention; unpatch it so its own attention teaches")
+        raise ValueError(
+            "distill: the pipeline is patched with linear_attention; unpatch it so its own attention teaches"
+        )
     unet = unet_of(pipe)
     batches = _batches(prompts_or_embeds, batch_size)
 

@@ -64,6 +64,8 @@ class GeneralizedLinearAttention(nn.Module):
         projection_mid_dim: hidden width of ``f`` (None = ``dim``; -1 = no ``f``, i.e. ``x + x``, as LinFusion).
         qkv_bias, out_bias: whether ``to_q``/``to_k``/``to_v`` and ``to_out.0`` have biases.
         dropout: of ``to_out.1``.
+        backend: the :func:`~diffboost.ops.linear_attention` backend (``"auto"``, ``"triton"``, ``"reference"``);
+            not part of the checkpoint.
 
     Parameter names match LinFusion's, so ``state_dict()`` keys are its checkpoint keys. A new module's ``f`` ends in
     an all-zero Linear, so ``f(x) = 0`` until it is trained.
@@ -81,6 +83,7 @@ class GeneralizedLinearAttention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = True,
         dropout: float = 0.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if dim <= 0 or heads <= 0 or dim % heads != 0:
@@ -89,6 +92,7 @@ class GeneralizedLinearAttention(nn.Module):
         self.dim = dim
         self.heads = heads
         self.projection_mid_dim = projection_mid_dim
+        self.backend = backend
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -147,7 +151,8 @@ class GeneralizedLinearAttention(nn.Module):
         """
         if hidden_states.dim() != 3:
             raise ValueError(
-                f"GeneralizedLinearAttention: hidden_states must be (batch, tokens, dim), got {tuple(hidden_states.shape)}"
+                "GeneralizedLinearAttention: hidden_states must be (batch, tokens, dim), "
+                f"got {tuple(hidden_states.shape)}"
             )
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self.to_q(hidden_states + self.to_q_(hidden_states))
@@ -155,7 +160,9 @@ class GeneralizedLinearAttention(nn.Module):
         value = self.to_v(context)
         query, key, value = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (query, key, value))
         keep = _key_padding_mask(attention_mask, context.shape[0], context.shape[1])
-        out = linear_attention(query, key, value, feature_map=self.feature_map, eps=self.eps, key_padding_mask=keep)
+        out = linear_attention(
+            query, key, value, feature_map=self.feature_map, eps=self.eps, key_padding_mask=keep, backend=self.backend
+        )
         out = out.transpose(1, 2).flatten(2).to(hidden_states.dtype)
         return self.to_out[1](self.to_out[0](out))
 
@@ -248,9 +255,10 @@ class LinearAttentionModules(nn.Module):
         entries, modules = [], []
         for name, attn in targets.items():
             modules.append(GeneralizedLinearAttention.from_attention(attn, projection_mid_dim, name))
-            entries.append(
-                {"module_name": name, "dim_n": attn.inner_dim, "heads": attn.heads, "projection_mid_dim": projection_mid_dim}
-            )
+            entries.append({
+                "module_name": name, "dim_n": attn.inner_dim, "heads": attn.heads,
+                "projection_mid_dim": projection_mid_dim,
+            })
         return cls(entries, modules)
 
     def check_matches(self, unet: nn.Module, source: str = "linear attention weights") -> dict[str, nn.Module]:

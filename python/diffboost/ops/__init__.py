@@ -5,6 +5,7 @@ here and why each faster one will not.
 """
 
 from diffboost.ops.attention import attention, attention_reference
+from diffboost.ops.linear_attention import linear_attention, linear_attention_reference
 from diffboost.ops.registry import (
     Backend,
     BackendUnavailableError,
@@ -23,6 +24,8 @@ __all__ = [
     "attention_reference",
     "dispatch_log",
     "get_op",
+    "linear_attention",
+    "linear_attention_reference",
     "registered_ops",
     "w4a4_gemm",
     "w4a4_linear",

@@ -205,7 +205,8 @@ def _validate(query, key, value, key_padding_mask, feature_map, eps) -> None:
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(
-                f"linear_attention: key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}"
+                "linear_attention: key_padding_mask must be a torch.Tensor or None, "
+                f"got {type(key_padding_mask).__name__}"
             )
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(
@@ -217,7 +218,9 @@ def _validate(query, key, value, key_padding_mask, feature_map, eps) -> None:
                 f"{(b, n)}"
             )
         if key_padding_mask.device != query.device:
-            raise ValueError(f"linear_attention: key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
+            raise ValueError(
+                f"linear_attention: key_padding_mask is on {key_padding_mask.device}, query on {query.device}"
+            )
 
 
 def linear_attention(

@@ -4,8 +4,8 @@ Layout (one documented format; :mod:`diffboost.quant.format` builds it from an `
 --------------------------------------------------------------------------------------------
 A layer ``y = x W^T + b`` with ``W`` of shape ``[N, K]`` and groups of ``G`` (32, 64 or 128) input channels:
 
-``qweight``   ``uint8 [N, K/2]``: symmetric INT4 in two's complement, values in ``[-7, 7]``. Byte ``j`` of row
-              ``n`` holds channel ``2j`` in its low nibble and channel ``2j + 1`` in its high nibble.
+``qweight``   ``uint8 [N, K/2]``: symmetric INT4 in two's complement, values in ``[-7, 7]`` (the kernels accept -8
+              too). Byte ``j`` of row ``n`` holds channel ``2j`` in its low nibble, ``2j + 1`` in its high nibble.
 ``wscales``   ``[K/G, N]`` (16-bit; fp32 accepted): the residual weight is ``q[n, k] * wscales[k // G, n]``.
 ``smooth``    ``[K]`` or None: the layer quantizes ``x / smooth`` (the weight was multiplied by ``smooth``).
 ``lora_down`` ``[K, r]`` and ``lora_up`` ``[r, N]`` (16-bit) or None: low-rank branch on the smoothed input,

@@ -41,7 +41,8 @@ class W4A4Linear(nn.Module):
     ) -> None:
         super().__init__()
         if group_size not in GROUP_SIZES:
-            raise ValueError(f"W4A4Linear: group_size={group_size!r} not supported ({', '.join(map(str, GROUP_SIZES))})")
+            supported = ", ".join(map(str, GROUP_SIZES))
+            raise ValueError(f"W4A4Linear: group_size={group_size!r} not supported ({supported})")
         if in_features <= 0 or in_features % group_size:
             raise ValueError(f"W4A4Linear: in_features {in_features} is not a positive multiple of group_size")
         if rank < 0 or rank % 16:
