@@ -11,11 +11,12 @@ Kernels are reachable directly too: :func:`diffboost.ops.attention`. ``diffboost
 
 __version__ = "0.1.0"
 
-from diffboost import cache, linear, ops
+from diffboost import cache, linear, ops, quant
 from diffboost.cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
 from diffboost.integrations.attention import AttentionConfig
 from diffboost.integrations.linear_attention import LinearAttentionConfig
 from diffboost.patching import is_patched, patch, unpatch
+from diffboost.quant import W4A4Linear
 
 __all__ = [
     "AttentionConfig",
@@ -23,11 +24,13 @@ __all__ = [
     "DeepCacheConfig",
     "EncoderPropagationConfig",
     "LinearAttentionConfig",
+    "W4A4Linear",
     "__version__",
     "cache",
     "is_patched",
     "linear",
     "ops",
     "patch",
+    "quant",
     "unpatch",
 ]

@@ -146,7 +146,7 @@ def _triton_check(query, key, value, attn_mask, is_causal, scale, precision, ret
     d = query.shape[-1]
     if d % 8 != 0 or not 8 <= d <= MAX_TRITON_HEAD_DIM:
         reasons.append(f"head_dim {d} not supported (multiples of 8 from 8 to {MAX_TRITON_HEAD_DIM})")
-    if scale <= 0:
+    if scale is not None and scale <= 0:
         reasons.append(f"scale {scale} is not positive (the kernel keeps masked scores at -inf through the scaling)")
     if value.shape[-1] != d:
         reasons.append(f"value head_dim {value.shape[-1]} differs from query head_dim {d}")
