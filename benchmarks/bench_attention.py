@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import shlex
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.harness import RESULTS_DIR, Case, SkipCase, machine_info, print_table, run_cases, write_results
+from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,21 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--shapes", default="all", help="comma-separated of sd15,sdxl,pixart,flux, or all")
-    parser.add_argument("--quick", action="store_true",
-                        help="short timing; without CUDA also tiny shapes (the only mode that runs on CPU)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: cuda when available, else cpu")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
+    add_common_arguments(parser, quick_help="short timing; without CUDA also tiny shapes (the only mode that runs on CPU)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if device == "cpu" and not args.quick:
-        parser.error("the full shapes need a GPU; pass --quick for the CPU variant")
+    device = resolve_device(parser, args, cpu_needs_quick="the full shapes")
     try:
         shapes = select_shapes(args.shapes, quick_cpu=device == "cpu")
     except ValueError as exc:
@@ -268,13 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     timing = {"warmup_ms": 10, "rep_ms": 30} if args.quick else {"warmup_ms": 25, "rep_ms": 100}
     rows = run_cases(build_cases(shapes, DTYPES[args.dtype], device), **timing)
-    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
-    name = "attention-quick" if args.quick else "attention"
-    path = write_results(rows, name, out_dir=args.out, machine=machine_info(packages=("sageattention",)),
-                         command=f"python -m benchmarks.bench_attention {argv_text}".rstrip())
-    print_table(rows)
-    print(f"\nwrote {path}")
-    return 0
+    return finish(rows, "attention", args, argv, script="bench_attention", packages=("sageattention",))
 
 
 if __name__ == "__main__":

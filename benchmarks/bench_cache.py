@@ -27,15 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Case, SkipCase, machine_info, print_table, run_cases, write_results
+from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases
 
 DEEPCACHE_PACKAGE = "DeepCache"
 
@@ -204,19 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cache", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="sd15,sdxl,flux", help="comma-separated of sd15,sdxl,flux")
-    parser.add_argument("--quick", action="store_true",
-                        help="short timing; without CUDA also the tiny presets (the only mode that runs on CPU)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
+    add_common_arguments(
+        parser, quick_help="short timing; without CUDA also the tiny presets (the only mode that runs on CPU)"
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if device == "cpu" and not args.quick:
-        parser.error("the full-size pipelines need a GPU; pass --quick for the CPU variant")
+    device = resolve_device(parser, args, cpu_needs_quick="the full-size pipelines")
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in models if name not in MODELS]
     if unknown or not models:
@@ -233,13 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timing = {"warmup_ms": warmup / 4, "rep_ms": rep / 4} if args.quick else {"warmup_ms": warmup,
                                                                                       "rep_ms": rep}
         rows += run_cases(cases, **timing)
-    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
-    name = "cache-quick" if args.quick else "cache"
-    path = write_results(rows, name, out_dir=args.out, machine=machine_info(packages=("diffusers", DEEPCACHE_PACKAGE)),
-                         command=f"python -m benchmarks.bench_cache {argv_text}".rstrip())
-    print_table(rows)
-    print(f"\nwrote {path}")
-    return 0
+    return finish(rows, "cache", args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
 
 
 if __name__ == "__main__":

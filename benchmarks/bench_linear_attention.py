@@ -25,10 +25,8 @@ import argparse
 import dataclasses
 import functools
 import math
-import shlex
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +35,7 @@ from torch.nn.attention import sdpa_kernel
 
 # The linear-attention op has the same two backends: "triton" on CUDA, "reference" on CPU.
 from benchmarks.bench_attention import DTYPES, MATH_MAX_SCORES, SDPA_BACKENDS, diffboost_backend, make_sdpa
-from benchmarks.harness import RESULTS_DIR, Case, SkipCase, machine_info, print_table, run_cases, write_results
+from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases
 
 HEADS_AND_DIMS = ((8, 40), (8, 80), (8, 160), (10, 64))
 LENGTHS = (4096, 16384, 65536)
@@ -270,22 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     known = ",".join(str(d) for _, d in HEADS_AND_DIMS)
     parser.add_argument("--dims", default=known, help=f"comma-separated head dims among {known}")
-    parser.add_argument("--quick", action="store_true",
-                        help="short timing; without CUDA also tiny shapes (the only mode that runs on CPU)")
     parser.add_argument("--e2e", action="store_true", help="also time a whole U-Net call with and without")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: cuda when available, else cpu")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
+    add_common_arguments(parser, quick_help="short timing; without CUDA also tiny shapes (the only mode that runs on CPU)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if device == "cpu" and not args.quick:
-        parser.error("the full shapes need a GPU; pass --quick for the CPU variant")
+    device = resolve_device(parser, args, cpu_needs_quick="the full shapes")
 
     try:
         dims = [int(d) for d in args.dims.split(",") if d.strip()]
@@ -300,16 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = {"warmup_ms": 10, "rep_ms": 30} if args.quick else {"warmup_ms": 25, "rep_ms": 100}
     rows = run_cases(cases, **timing)
     add_scaling(rows)
-    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
-    name = "linear-attention-quick" if args.quick else "linear-attention"
-    path = write_results(rows, name, out_dir=args.out, machine=machine_info(packages=("diffusers",)),
-                         command=f"python -m benchmarks.bench_linear_attention {argv_text}".rstrip())
-    print_table(rows)
-    print("\nscaling (log-log slope of median time vs N):")
+    print("scaling (log-log slope of median time vs N):")
     for line in scaling_summary(rows):
         print("  " + line)
-    print(f"\nwrote {path}")
-    return 0
+    print()
+    return finish(rows, "linear-attention", args, argv, script="bench_linear_attention", packages=("diffusers",))
 
 
 if __name__ == "__main__":

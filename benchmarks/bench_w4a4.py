@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import shlex
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import RESULTS_DIR, Case, SkipCase, machine_info, print_table, run_cases, write_results
+from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases
 
 GROUP_SIZE = 64
 RANK = 32
@@ -205,30 +203,16 @@ def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_w4a4", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: cuda when available, else cpu")
-    parser.add_argument("--quick", action="store_true", help="short timing; on CPU also tiny shapes (for tests)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
+    add_common_arguments(parser, quick_help="short timing; on CPU also tiny shapes (for tests)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    device = resolve_device(parser, args)
     if device == "cuda":
         shapes = CUDA_SHAPES
     else:
         shapes = CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
     timing = {"warmup_ms": 10, "rep_ms": 30} if args.quick else {"warmup_ms": 200, "rep_ms": 5000}
     rows = run_cases(build_cases(shapes, device), **timing)
-    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
-    name = "w4a4-quick" if args.quick else "w4a4"
-    path = write_results(rows, name, out_dir=args.out, machine=machine_info(),
-                         command=f"python -m benchmarks.bench_w4a4 {argv_text}".rstrip())
-    print_table(rows)
-    print(f"\nwrote {path}")
-    return 0
+    return finish(rows, "w4a4", args, argv, script="bench_w4a4")
 
 
 if __name__ == "__main__":

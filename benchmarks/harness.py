@@ -484,3 +484,42 @@ def print_table(rows: Sequence[Mapping[str, Any]], file: TextIO | None = None) -
     out = file if file is not None else sys.stdout
     for line in [headers, ["-" * w for w in widths], *cells]:
         print("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip(), file=out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line plumbing shared by the bench_*.py scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser, *, quick_help: str) -> None:
+    """``--quick``, ``--out``, ``--device`` and ``--threads``, as every benchmark script takes them."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the results JSON")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU timing (default: torch's)")
+
+
+def resolve_device(parser, args, *, cpu_needs_quick: str | None = None) -> str:
+    """Apply ``--threads`` and turn ``--device`` into ``"cuda"`` or ``"cpu"``; exits through ``parser.error`` when
+    CUDA is asked for but absent, or (``cpu_needs_quick`` names what) when a full run is asked for on a CPU."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if device == "cpu" and cpu_needs_quick and not args.quick:
+        parser.error(f"{cpu_needs_quick} need a GPU; pass --quick for the CPU variant")
+    return device
+
+
+def finish(rows: Sequence[Mapping[str, Any]], name: str, args, argv: Sequence[str] | None, *, script: str,
+           packages: Sequence[str] = ()) -> int:
+    """Write ``rows`` as ``<name>[-quick]-<machine>.json`` with the command that produced them, print the table."""
+    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
+    path = write_results(rows, f"{name}-quick" if args.quick else name, out_dir=args.out,
+                         machine=machine_info(packages=tuple(packages)),
+                         command=f"python -m benchmarks.{script} {argv_text}".rstrip())
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return 0

@@ -232,7 +232,6 @@ def _attn_fwd_kernel(
     off_h = (off_bh % H).to(tl.int64)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     row_ok = offs_m < Lq
 
