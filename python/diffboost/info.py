@@ -36,8 +36,7 @@ def _devices() -> list[torch.device]:
 
 def collect() -> dict[str, Any]:
     """Versions, GPUs, the ``_C`` build, and per op and device the backend that runs and why faster ones don't."""
-    import diffboost.integrations  # noqa: F401  (registers features and their ops)
-    from diffboost.patching import _features
+    from diffboost.patching import _features  # importing diffboost already registered every feature and op
 
     gpus = []
     if torch.cuda.is_available():

@@ -93,7 +93,8 @@ def patch(pipe: Any, **features: Any) -> Any:
     feature fails to install, the ones already installed are removed again before the error propagates.
     """
     denoisers(pipe)  # fail on something that is neither a pipeline nor a model before touching it
-    known = {f.name: f for f in _features()}
+    registered = _features()
+    known = {f.name: f for f in registered}
     unknown = sorted(set(features) - set(known))
     if unknown:
         raise TypeError(f"diffboost.patch: unknown keyword(s) {', '.join(unknown)}; supported: {', '.join(known)}")
@@ -102,7 +103,7 @@ def patch(pipe: Any, **features: Any) -> Any:
     state: list[tuple[str, Any]] = []
     setattr(pipe, _STATE_ATTR, state)
     try:
-        for feature in _features():
+        for feature in registered:
             if feature.name in configs:
                 state.append((feature.name, feature.install(pipe, configs[feature.name])))
     except BaseException:
