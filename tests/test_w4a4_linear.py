@@ -142,7 +142,6 @@ def test_empty_batch(device):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(in_features=100), "not a multiple of group_size=64"),
         (dict(group_size=16), r"group_size=16 not supported \(32, 64, 128\)"),
         (dict(rank=24), "rank=24 must be 0 or a multiple of 16"),
         (dict(dtype=torch.float32), r"dtype torch.float32 not supported \(float16, bfloat16\)"),
@@ -154,6 +153,31 @@ def test_from_linear_bad_arguments(kwargs, message):
     linear = nn.Linear(kwargs.pop("in_features", 128), 32)
     with pytest.raises(ValueError, match=message):
         W4A4Linear.from_linear(linear, **kwargs)
+
+
+@pytest.mark.parametrize("in_features", [40, 100, 136])
+def test_in_features_off_the_group_are_zero_padded(device, in_features):
+    """K pads to the next multiple of the group; the padded layer equals the layer with explicit zero columns."""
+    linear = nn.Linear(in_features, 48)
+    smooth = torch.rand(in_features) + 0.5
+    layer = W4A4Linear.from_linear(linear, group_size=32, rank=16, smooth=smooth).to(device)
+    padded_k = -(-in_features // 32) * 32
+    assert layer.padded_in_features == padded_k and layer.qweight.shape == (48, padded_k // 2)
+    wide = nn.Linear(padded_k, 48)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, :in_features] = linear.weight
+        wide.bias.copy_(linear.bias)
+    wide_smooth = torch.cat([smooth, torch.ones(padded_k - in_features)])
+    reference = W4A4Linear.from_linear(wide, group_size=32, rank=16, smooth=wide_smooth).to(device)
+    for name in ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias"):
+        assert torch.equal(getattr(layer, name), getattr(reference, name)), name
+    x = torch.randn(5, in_features, device=device)
+    out = layer(x)
+    torch.testing.assert_close(out, reference(torch.nn.functional.pad(x, (0, padded_k - in_features))))
+    assert layer.to_linear().weight.shape == (48, in_features)
+    with pytest.raises(ValueError, match=f"expected in_features={in_features}"):
+        layer(torch.randn(5, padded_k, device=device))
 
 
 def test_from_linear_needs_a_linear():

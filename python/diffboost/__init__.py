@@ -4,6 +4,7 @@
     diffboost.patch(pipe, attention="int8", cache=3)   # fused INT8-QK attention + DeepCache / block caching
     image = pipe(prompt).images[0]
     diffboost.unpatch(pipe)                   # the pipeline is exactly as it was
+    diffboost.patch(pipe, quant="w4a4")       # W4A4 denoiser (SVDQuant-style), calibrated on generated inputs
 
 Kernels are reachable directly too: :func:`diffboost.ops.attention`. ``diffboost info`` (or
 ``python -m diffboost info``) says which backend each op uses on this machine and why faster ones don't run.
@@ -16,7 +17,7 @@ from diffboost.cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagatio
 from diffboost.integrations.attention import AttentionConfig
 from diffboost.integrations.linear_attention import LinearAttentionConfig
 from diffboost.patching import is_patched, patch, unpatch
-from diffboost.quant import W4A4Linear
+from diffboost.quant import W4A4Config, W4A4Linear
 
 __all__ = [
     "AttentionConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "DeepCacheConfig",
     "EncoderPropagationConfig",
     "LinearAttentionConfig",
+    "W4A4Config",
     "W4A4Linear",
     "__version__",
     "cache",

@@ -6,6 +6,12 @@ whatever diffboost installed before (so patching twice is safe and the last call
 features in their registered order (layer replacements before processors, processors before forward wrappers).
 Only instances are touched: original objects (processors, modules, forwards) are kept and put back by ``unpatch`` in
 reverse order, so the pipeline computes bit for bit what it did before.
+
+A *persistent* feature (quantization) converts weights, which is expensive (calibration) and may not be undoable
+(the original weights are dropped to save memory). ``patch`` keeps it when it is asked for again with an equal
+config (so ``patch(pipe, quant="w4a4", cache=3)`` after ``patch(pipe, quant="w4a4")`` does not recalibrate) and
+otherwise removes it like any other feature, which raises a clear error, before anything is changed, when it cannot
+be undone.
 """
 
 from __future__ import annotations
@@ -33,13 +39,21 @@ class Feature:
             ValueError that name the keyword and what it accepts.
         install: ``install(pipe, config) -> state``; everything needed to undo it goes in ``state``.
         uninstall: ``uninstall(pipe, state)``; restores exactly what ``install`` changed.
+        options: extra keywords of :func:`patch` that belong to this feature (``calibration`` for ``quant``); they
+            are passed to ``install`` as keyword arguments.
+        persistent: see the module docstring; such a feature also provides ``check_uninstall``.
+        check_uninstall: ``check_uninstall(pipe, state)`` raises (without changing anything) when ``uninstall``
+            would fail.
     """
 
     name: str
     order: int
     coerce: Callable[[Any], Any]
-    install: Callable[[Any, Any], Any]
+    install: Callable[..., Any]
     uninstall: Callable[[Any, Any], None]
+    options: tuple[str, ...] = ()
+    persistent: bool = False
+    check_uninstall: Callable[[Any, Any], None] = lambda pipe, state: None
 
 
 _FEATURES: dict[str, Feature] = {}
@@ -87,44 +101,93 @@ def patch(pipe: Any, **features: Any) -> Any:
         cache: an int (DeepCache with that interval on U-Nets, uniform block caching on DiTs) or a
             :class:`diffboost.DeepCacheConfig` / :class:`diffboost.EncoderPropagationConfig` /
             :class:`diffboost.BlockCacheConfig`; :func:`diffboost.cache.stats` reports what the last call ran.
+        quant: ``"w4a4"`` or a :class:`diffboost.W4A4Config`: W4A4 quantization of the denoisers' linear layers,
+            calibrated on ``calibration`` (see :func:`diffboost.quant.quantize`; a short self-calibration without it).
         Other keywords are listed by ``diffboost info`` (each feature registers one). ``None`` leaves a feature off.
 
-    Calling ``patch`` again replaces the previous patch; :func:`unpatch` restores the original exactly. If a
-    feature fails to install, the ones already installed are removed again before the error propagates.
+    Calling ``patch`` again replaces the previous patch (a quantization asked for again with an equal config is
+    kept as it is); :func:`unpatch` restores the original exactly. If a feature fails to install, the ones installed
+    by this call are removed again before the error propagates.
     """
     denoisers(pipe)  # fail on something that is neither a pipeline nor a model before touching it
     registered = _features()
     known = {f.name: f for f in registered}
-    unknown = sorted(set(features) - set(known))
+    owner = {option: f.name for f in registered for option in f.options}
+    unknown = sorted(set(features) - set(known) - set(owner))
     if unknown:
-        raise TypeError(f"diffboost.patch: unknown keyword(s) {', '.join(unknown)}; supported: {', '.join(known)}")
-    configs = {name: known[name].coerce(value) for name, value in features.items() if value is not None}
-    unpatch(pipe)
-    state: list[tuple[str, Any]] = []
-    setattr(pipe, _STATE_ATTR, state)
+        supported = ", ".join([*known, *owner])
+        raise TypeError(f"diffboost.patch: unknown keyword(s) {', '.join(unknown)}; supported: {supported}")
+    options: dict[str, dict[str, Any]] = {}
+    for option, name in owner.items():
+        if features.get(option) is not None:
+            if features.get(name) is None:
+                raise TypeError(f"diffboost.patch: {option}= is an option of {name}=, which was not given")
+            options.setdefault(name, {})[option] = features[option]
+    configs = {name: known[name].coerce(features[name]) for name in known if features.get(name) is not None}
+
+    # Persistent features asked for again with an equal config stay; everything else goes. Check first that what
+    # goes can go, so that an impossible request changes nothing.
+    state = _state(pipe)
+    kept = [entry for entry in state if known[entry[0]].persistent and configs.get(entry[0]) == entry[1]]
+    leaving = [entry for entry in state if not any(entry is k for k in kept)]
+    for name, _, feature_state in leaving:
+        known[name].check_uninstall(pipe, feature_state)
+    _uninstall(pipe, leaving)
+    kept_names = {name for name, _, _ in kept}
+    added: list[tuple[str, Any, Any]] = []
     try:
         for feature in registered:
-            if feature.name in configs:
-                state.append((feature.name, feature.install(pipe, configs[feature.name])))
+            if feature.name in configs and feature.name not in kept_names:
+                config = configs[feature.name]
+                feature_state = feature.install(pipe, config, **options.get(feature.name, {}))
+                added.append((feature.name, config, feature_state))
+                state.append(added[-1])
+                setattr(pipe, _STATE_ATTR, state)
     except BaseException:
-        unpatch(pipe)
+        _uninstall(pipe, added)
         raise
-    if not state:
-        delattr(pipe, _STATE_ATTR)
     return pipe
+
+
+def _state(pipe: Any) -> list[tuple[str, Any, Any]]:
+    """The installed features of ``pipe``: ``(name, config, state)`` in install order (the list itself)."""
+    return getattr(pipe, _STATE_ATTR, [])
+
+
+def _uninstall(pipe: Any, entries: list[tuple[str, Any, Any]]) -> None:
+    """Uninstall ``entries`` (items of ``_state(pipe)``), newest first, dropping each from the state once undone."""
+    state = _state(pipe)
+    for entry in reversed(list(entries)):
+        _FEATURES[entry[0]].uninstall(pipe, entry[2])
+        state[:] = [e for e in state if e is not entry]
+    if not state and hasattr(pipe, _STATE_ATTR):
+        delattr(pipe, _STATE_ATTR)
 
 
 def unpatch(pipe: Any) -> Any:
-    """Undo everything :func:`patch` did to ``pipe`` (a no-op on a pipeline that is not patched) and return it."""
-    state = getattr(pipe, _STATE_ATTR, None)
-    if state is None:
-        return pipe
-    while state:
-        name, feature_state = state[-1]
-        _FEATURES[name].uninstall(pipe, feature_state)
-        state.pop()
-    delattr(pipe, _STATE_ATTR)
+    """Undo everything :func:`patch` did to ``pipe`` (a no-op on a pipeline that is not patched) and return it.
+
+    A quantization made without ``keep_original`` cannot be undone: the other features are removed and the error
+    raised says how to get the original weights back.
+    """
+    state = _state(pipe)
+    stuck = []
+    for entry in reversed(list(state)):
+        try:
+            _FEATURES[entry[0]].check_uninstall(pipe, entry[2])
+        except RuntimeError:
+            stuck.append(entry)
+    _uninstall(pipe, [entry for entry in state if not any(entry is s for s in stuck)])
+    if stuck:
+        _FEATURES[stuck[0][0]].check_uninstall(pipe, stuck[0][2])  # raises its own message
     return pipe
+
+
+def _push(pipe: Any, name: str, config: Any, feature_state: Any) -> None:
+    """Record a feature installed outside :func:`patch` (``diffboost.quant.quantize``) so :func:`unpatch` undoes it."""
+    state = _state(pipe)
+    state.append((name, config, feature_state))
+    setattr(pipe, _STATE_ATTR, state)
 
 
 def is_patched(pipe: Any) -> bool:
@@ -134,4 +197,4 @@ def is_patched(pipe: Any) -> bool:
 
 def patched_features(pipe: Any) -> list[str]:
     """Names of the features currently installed on ``pipe``, in install order."""
-    return [name for name, _ in getattr(pipe, _STATE_ATTR, [])]
+    return [name for name, _, _ in _state(pipe)]

@@ -4,3 +4,4 @@ registers it as a keyword of :func:`diffboost.patch`. Importing this package reg
 from diffboost.integrations import attention  # noqa: F401
 from diffboost.integrations import cache  # noqa: F401
 from diffboost.integrations import linear_attention  # noqa: F401
+from diffboost.integrations import quant  # noqa: F401

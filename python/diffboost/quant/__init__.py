@@ -1,20 +1,44 @@
-"""Quantization of linear layers: the W4A4 format (:mod:`diffboost.quant.format`) and :class:`W4A4Linear`.
+"""W4A4 quantization: the format, :class:`W4A4Linear`, and whole-model quantization with calibration.
 
-    from diffboost.quant import W4A4Linear, smooth_factors
+    import diffboost
+    diffboost.patch(pipe, quant="w4a4")                    # calibrate on generated inputs, quantize the denoiser
+    diffboost.quant.report(pipe)["unet"].bytes_after       # memory of the quantized denoiser
+    diffboost.quant.save_quantized(pipe.unet, "unet-w4a4") # safetensors + JSON header with checksums
+    diffboost.quant.load_quantized(fresh_unet, "unet-w4a4")
+
     layer = W4A4Linear.from_linear(linear, group_size=64, rank=32, smooth=smooth_factors(act_amax, linear.weight))
     y = layer(x)                      # INT4 weights x INT4 activations, on the fastest kernel for x's device
-    layer.memory()["total"]           # bytes: packed weights, scales, low-rank branch, bias
-    dense = layer.to_linear()         # back to a float nn.Linear (dequantized)
 
-The kernels and the exact layout are in :mod:`diffboost.ops.w4a4`.
+The kernels and the exact layout are in :mod:`diffboost.ops.w4a4`; the per-layer recipe in
+:mod:`diffboost.quant.format` and :mod:`diffboost.quant.model`.
 """
 
+from diffboost.quant.checkpoint import load_quantized, save_quantized
+from diffboost.quant.config import DEFAULT_SKIP, W4A4Config
 from diffboost.quant.format import (
     W4A4Weights,
     dequantize_weight,
     quantize_linear_weight,
     smooth_factors,
 )
-from diffboost.quant.linear import W4A4Linear
+from diffboost.quant.linear import W4A4Conv2d, W4A4Linear
+from diffboost.quant.model import LayerReport, QuantReport, module_bytes, quantize, report, restore
 
-__all__ = ["W4A4Linear", "W4A4Weights", "dequantize_weight", "quantize_linear_weight", "smooth_factors"]
+__all__ = [
+    "DEFAULT_SKIP",
+    "LayerReport",
+    "QuantReport",
+    "W4A4Config",
+    "W4A4Conv2d",
+    "W4A4Linear",
+    "W4A4Weights",
+    "dequantize_weight",
+    "load_quantized",
+    "module_bytes",
+    "quantize",
+    "quantize_linear_weight",
+    "report",
+    "restore",
+    "save_quantized",
+    "smooth_factors",
+]

@@ -14,6 +14,10 @@ The layout is specified in :mod:`diffboost.ops.w4a4` (module docstring): packed 
 3. The residual is quantized to symmetric INT4 per output row and group of ``G`` input channels, with 16-bit
    scales (``absmax / 7`` rounded to the storage dtype; values are rounded against the rounded scale).
 
+A weight whose ``K`` is not a multiple of ``G`` is zero-padded to the next multiple (smoothing factors pad with 1):
+the packed tensors have the padded ``K``, and the layer pads its input with zeros the same way
+(:class:`~diffboost.quant.W4A4Linear` does), which adds nothing to the products or the activation ranges.
+
 :func:`smooth_factors` computes SmoothQuant's factors from per-channel activation maxima; calibration over a model
 (activation statistics across timesteps, the choice of alpha) builds on it.
 """
@@ -98,16 +102,20 @@ def quantize_linear_weight(
     rank: int = 32,
     smooth: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.bfloat16,
+    svd: str = "exact",
 ) -> W4A4Weights:
     """Build the W4A4 form of ``y = x @ weight^T + bias`` (see the module docstring for the recipe).
 
     Args:
-        weight: ``[N, K]`` float weight; K must be a multiple of ``group_size``.
+        weight: ``[N, K]`` float weight; K is zero-padded to a multiple of ``group_size`` (see the module docstring).
         bias: ``[N]`` or None.
         group_size: 32, 64 or 128.
         rank: rank of the low-rank branch, a multiple of 16 (0 for none), at most ``min(N, K)``.
         smooth: ``[K]`` positive smoothing factors (e.g. :func:`smooth_factors`) or None.
         dtype: storage dtype of the 16-bit parts (fp16 or bf16).
+        svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"``: seeded subspace iteration for the top
+            ``rank`` directions, much faster on large layers; any shortfall in the branch lands in the residual,
+            which is quantized like the rest.
     """
     fn = "quantize_linear_weight"
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
@@ -115,12 +123,12 @@ def quantize_linear_weight(
     n, k = weight.shape
     if group_size not in GROUP_SIZES:
         raise ValueError(f"{fn}: group_size={group_size!r} not supported ({', '.join(map(str, GROUP_SIZES))})")
-    if k % group_size:
-        raise ValueError(f"{fn}: in_features {k} is not a multiple of group_size={group_size}")
     if not isinstance(rank, int) or rank < 0 or rank % 16 or rank > min(n, k):
         raise ValueError(f"{fn}: rank={rank!r} must be 0 or a multiple of 16 no larger than min(N, K)={min(n, k)}")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"{fn}: dtype {dtype} not supported (float16, bfloat16)")
+    if svd not in ("exact", "randomized"):
+        raise ValueError(f"{fn}: svd={svd!r} not supported ('exact', 'randomized')")
     w = weight.detach().float()
     smooth16 = None
     if smooth is not None:
@@ -130,9 +138,14 @@ def quantize_linear_weight(
         if not bool((smooth16.float() > 0).all()) or not bool(torch.isfinite(smooth16.float()).all()):
             raise ValueError(f"{fn}: smooth factors must be positive and finite in {dtype}")
         w = w * smooth16.float()
+    pad = -k % group_size
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+        if smooth16 is not None:
+            smooth16 = torch.cat([smooth16, smooth16.new_ones(pad)])
     lora_down = lora_up = None
     if rank:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False) if svd == "exact" else _randomized_svd(w, rank)
         root = s[:rank].sqrt()
         lora_down = (vh[:rank].t() * root).to(dtype).contiguous()  # [K, r]
         lora_up = (root.unsqueeze(1) * u[:, :rank].t()).to(dtype).contiguous()  # [r, N]
@@ -148,8 +161,33 @@ def quantize_linear_weight(
     )
 
 
-def dequantize_weight(weights: W4A4Weights) -> torch.Tensor:
-    """The fp32 ``[N, K]`` weight the W4A4 layer represents (its activations still get quantized at run time)."""
+# Subspace iteration: oversampling and power iterations that make the top directions of a diffusion weight (slowly
+# decaying spectrum) match the exact SVD's to well below the INT4 step.
+_SVD_OVERSAMPLE = 16
+_SVD_ITERATIONS = 4
+
+
+def _randomized_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` ``(u, s, vh)`` of ``w`` by randomized subspace iteration (Halko, Martinsson, Tropp 2011).
+
+    The Gaussian test matrix comes from a generator seeded with 0, so the result is deterministic and the global
+    RNG (which the user's sampling depends on) is untouched.
+    """
+    n, k = w.shape
+    width = min(rank + _SVD_OVERSAMPLE, n, k)
+    generator = torch.Generator(device=w.device).manual_seed(0)
+    basis = torch.linalg.qr(w @ torch.randn(k, width, generator=generator, device=w.device)).Q
+    for _ in range(_SVD_ITERATIONS):  # re-orthonormalize every half step: fp32 would lose the small directions
+        basis = torch.linalg.qr(w @ torch.linalg.qr(w.t() @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.t() @ w, full_matrices=False)
+    return (basis @ u)[:, :rank], s[:rank], vh[:rank]
+
+
+def dequantize_weight(weights: W4A4Weights, in_features: Optional[int] = None) -> torch.Tensor:
+    """The fp32 ``[N, K]`` weight the W4A4 layer represents (its activations still get quantized at run time).
+
+    ``in_features`` drops the zero padding of a K that is not a multiple of the group size.
+    """
     n, half = weights.qweight.shape
     g = weights.group_size
     q = unpack_int4(weights.qweight).float().view(n, -1, g)
@@ -158,4 +196,4 @@ def dequantize_weight(weights: W4A4Weights) -> torch.Tensor:
         w = w + (weights.lora_down.float() @ weights.lora_up.float()).t()
     if weights.smooth is not None:
         w = w / weights.smooth.float()
-    return w
+    return w if in_features is None else w[:, :in_features]

@@ -10,7 +10,7 @@ from torch import nn
 from diffboost.ops.w4a4 import GROUP_SIZES, w4a4_linear
 from diffboost.quant.format import STORAGE_DTYPES, W4A4Weights, dequantize_weight, quantize_linear_weight
 
-__all__ = ["W4A4Linear"]
+__all__ = ["W4A4Conv2d", "W4A4Linear"]
 
 
 class W4A4Linear(nn.Module):
@@ -20,6 +20,8 @@ class W4A4Linear(nn.Module):
     device (CUDA / CPU ``_C`` kernels, Triton, or the PyTorch reference); ``backend`` forces one. Inputs may be
     fp16, bf16 or fp32 of any leading shape; the output has x's dtype. The tensors are buffers (``state_dict``
     saves them, ``.to(device)`` moves them); absent parts (no smoothing, ``rank=0``, no bias) are ``None``.
+    An ``in_features`` that is not a multiple of ``group_size`` is zero-padded (the buffers have the padded size
+    and the input is padded on each call, a copy: real diffusion layers are multiples of 64 and never pay it).
 
     Attributes:
         in_features, out_features, group_size, rank: the layer's sizes.
@@ -43,8 +45,8 @@ class W4A4Linear(nn.Module):
         if group_size not in GROUP_SIZES:
             supported = ", ".join(map(str, GROUP_SIZES))
             raise ValueError(f"W4A4Linear: group_size={group_size!r} not supported ({supported})")
-        if in_features <= 0 or in_features % group_size:
-            raise ValueError(f"W4A4Linear: in_features {in_features} is not a positive multiple of group_size")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"W4A4Linear: in_features={in_features} and out_features={out_features} must be positive")
         if rank < 0 or rank % 16:
             raise ValueError(f"W4A4Linear: rank={rank} must be 0 or a multiple of 16")
         if dtype not in STORAGE_DTYPES:
@@ -52,7 +54,7 @@ class W4A4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.rank = group_size, rank
         self.backend = backend
-        k, n = in_features, out_features
+        k, n = in_features + (-in_features % group_size), out_features
         self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("wscales", torch.zeros(k // group_size, n, dtype=dtype, device=device))
         self.register_buffer("smooth", torch.ones(k, dtype=dtype, device=device) if smooth else None)
@@ -75,7 +77,7 @@ class W4A4Linear(nn.Module):
 
         Args:
             linear: the layer; it is not modified.
-            group_size: 32, 64 or 128 input channels per scale; ``in_features`` must be a multiple.
+            group_size: 32, 64 or 128 input channels per scale (``in_features`` is zero-padded to a multiple).
             rank: rank of the 16-bit low-rank branch (multiple of 16; 0 for none).
             smooth: ``[in_features]`` smoothing factors (e.g. :func:`diffboost.quant.smooth_factors` of calibration
                 activations), or None.
@@ -85,14 +87,26 @@ class W4A4Linear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"W4A4Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        return cls._from_weight(linear.weight, linear.bias, group_size, rank, smooth, dtype, backend)
+
+    @classmethod
+    def _from_weight(cls, weight, bias, group_size, rank, smooth, dtype, backend):
+        """Quantize a ``[N, K]`` weight (and bias) into a new module of this class on the weight's device."""
         if dtype is None:
-            dtype = linear.weight.dtype if linear.weight.dtype in STORAGE_DTYPES else torch.bfloat16
-        weights = quantize_linear_weight(
-            linear.weight, linear.bias, group_size=group_size, rank=rank, smooth=smooth, dtype=dtype
-        )
+            dtype = weight.dtype if weight.dtype in STORAGE_DTYPES else torch.bfloat16
+        weights = quantize_linear_weight(weight, bias, group_size=group_size, rank=rank, smooth=smooth, dtype=dtype)
+        return cls.from_weights(weights, weight.shape[1], backend=backend)
+
+    @classmethod
+    def from_weights(cls, weights: W4A4Weights, in_features: int, *, backend: str = "auto") -> "W4A4Linear":
+        """A module holding ``weights`` (a layer of ``in_features`` inputs, before padding to the group size)."""
+        if weights.qweight.shape[1] * 2 != in_features + (-in_features % weights.group_size):
+            raise ValueError(f"{cls.__name__}.from_weights: packed K={weights.qweight.shape[1] * 2} does not fit "
+                             f"in_features={in_features} with group_size={weights.group_size}")
         module = cls(
-            linear.in_features, linear.out_features, group_size=group_size, rank=rank, bias=linear.bias is not None,
-            smooth=smooth is not None, dtype=dtype, device=linear.weight.device, backend=backend,
+            in_features, weights.qweight.shape[0], group_size=weights.group_size, rank=weights.rank,
+            bias=weights.bias is not None, smooth=weights.smooth is not None, dtype=weights.wscales.dtype,
+            device=weights.qweight.device, backend=backend,
         )
         module.load_weights(weights)
         return module
@@ -115,7 +129,16 @@ class W4A4Linear(nn.Module):
         """The layer's tensors (views of the buffers, not copies)."""
         return W4A4Weights(self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias)
 
+    @property
+    def padded_in_features(self) -> int:
+        """``in_features`` rounded up to a multiple of ``group_size``: the K of the packed tensors."""
+        return self.qweight.shape[1] * 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"W4A4Linear: input has {x.shape[-1]} features, expected in_features={self.in_features}")
+        if self.padded_in_features != self.in_features:
+            x = torch.nn.functional.pad(x, (0, self.padded_in_features - self.in_features))
         return w4a4_linear(
             x, self.qweight, self.wscales, smooth=self.smooth, lora_down=self.lora_down, lora_up=self.lora_up,
             bias=self.bias, backend=self.backend,
@@ -147,7 +170,7 @@ class W4A4Linear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.qweight.device, dtype=dtype)
         with torch.no_grad():
-            linear.weight.copy_(dequantize_weight(self.weights))
+            linear.weight.copy_(dequantize_weight(self.weights, self.in_features))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -159,3 +182,58 @@ class W4A4Linear(nn.Module):
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+class W4A4Conv2d(W4A4Linear):
+    """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) in W4A4: a GEMM over the pixels.
+
+    ``forward`` takes ``[B, C, H, W]`` and returns ``[B, N, H, W]`` in channels-last memory order (a permuted view
+    of the GEMM output; a channels-last input needs no copy on the way in either). Build one with
+    :meth:`from_conv`; everything else is :class:`W4A4Linear`'s.
+    """
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        group_size: int = 64,
+        rank: int = 32,
+        smooth: Optional[torch.Tensor] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+    ) -> "W4A4Conv2d":
+        """Quantize a 1x1 convolution; arguments as :meth:`W4A4Linear.from_linear`."""
+        if not is_pointwise_conv(conv):
+            raise TypeError(f"W4A4Conv2d.from_conv: expected a 1x1 nn.Conv2d with stride 1, no padding and one "
+                            f"group, got {conv!r}")
+        weight = conv.weight.view(conv.out_channels, conv.in_channels)
+        return cls._from_weight(weight, conv.bias, group_size, rank, smooth, dtype, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"W4A4Conv2d: expected a [B, C, H, W] input, got shape {list(x.shape)}")
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def to_conv(self, dtype: Optional[torch.dtype] = None) -> nn.Conv2d:
+        """A float 1x1 ``nn.Conv2d`` with the dequantized weight (see :meth:`W4A4Linear.to_linear`)."""
+        linear = self.to_linear(dtype)
+        conv = nn.Conv2d(self.in_features, self.out_features, 1, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.view_as(conv.weight))
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias)
+        return conv
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Conv2d`` that is a plain GEMM over pixels (1x1, stride 1, no padding, groups 1)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
