@@ -222,3 +222,22 @@ def test_benchmark_script_quick(tmp_path):
     assert {row["status"] for row in rows} <= {"ok", "skipped"}
     w4a4 = [row for row in rows if row["name"].startswith("w4a4-")]
     assert w4a4 and all(row["status"] == "ok" and row["metrics"]["sqnr_db"] > 15 for row in w4a4)
+
+
+def test_ops_pass_opcheck_and_a_quantized_model_compiles_fullgraph():
+    """The torch.library ops (what torch.compile sees) have consistent schemas and fake implementations, and a stack
+    of W4A4 layers compiles into one graph that computes exactly what eager mode does."""
+    from torch.library import opcheck
+
+    layer = W4A4Linear.from_linear(nn.Linear(96, 48), group_size=32, rank=16, smooth=torch.rand(96) + 0.5)
+    w = layer.weights
+    x = torch.randn(7, 96)
+    opcheck(torch.ops.diffboost.w4a4_quantize_act, (x, w.smooth, w.lora_down, 32, "auto"))
+    qx, ascales, lr = torch.ops.diffboost.w4a4_quantize_act(x, w.smooth, w.lora_down, 32, "auto")
+    opcheck(torch.ops.diffboost.w4a4_gemm,
+            (qx, ascales, w.qweight, w.wscales, lr, w.lora_up, w.bias, torch.float32, "auto"))
+
+    model = nn.Sequential(layer, nn.GELU(), W4A4Linear.from_linear(nn.Linear(48, 64), group_size=32, rank=0))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))

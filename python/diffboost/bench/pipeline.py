@@ -405,6 +405,18 @@ def _measure(pipe: Any, row: dict[str, Any], settings: Settings, cuda: bool, pro
     return images
 
 
+def _patch_options(pipe: Any, variant: Variant, settings: Settings) -> dict[str, Any]:
+    """Extra :func:`diffboost.patch` keywords of a variant: quantization calibrates on one generation with the
+    benchmark's size and steps, on another seed than the timed calls (so fidelity is not measured on the calibration
+    sample); ``patch_s`` in the row includes it."""
+    if "quant" not in variant.features:
+        return {}
+    kwargs = example_inputs(pipe, batch=settings.batch, height=settings.height, width=settings.width,
+                            steps=settings.steps, seed=settings.seed + 1)
+    kwargs["output_type"] = "latent"  # the denoiser is what is calibrated
+    return {"calibration": [kwargs]}
+
+
 def _run_variant(pipe: Any, variant: Variant, settings: Settings, cuda: bool, progress: _Progress,
                  reference: torch.Tensor | None, lpips: _Lpips,
                  skip_fallback: bool) -> tuple[dict[str, Any], torch.Tensor | None, bool]:
@@ -417,7 +429,7 @@ def _run_variant(pipe: Any, variant: Variant, settings: Settings, cuda: bool, pr
     row = _new_row(variant)
     start = time.perf_counter()
     try:
-        diffboost.patch(pipe, **variant.features)
+        diffboost.patch(pipe, **variant.features, **_patch_options(pipe, variant, settings))
     except (TypeError, ValueError, NotImplementedError) as exc:
         # The feature's own refusal (its config or this pipeline is not supported) is the row's explanation.
         row.update(status="n/a", reason=str(exc))

@@ -7,7 +7,7 @@ Per layer, SVDQuant's recipe with a SmoothQuant-style search (pure PyTorch, on t
 2. For each candidate migration strength (``alpha`` in the grid, and no smoothing at all) the layer is quantized
    (smoothing, the rank-r branch by randomized SVD, INT4 residual) and its output on the sampled rows is computed
    with the exact W4A4 arithmetic (activation quantization included); the candidate with the smallest error wins.
-3. The winner replaces the layer. The SVD is exact for layers up to 1024 wide and randomized above (as good, and
+3. The winner replaces the layer. The SVD is exact for layers up to 512 wide and randomized above (as good, and
    what keeps a FLUX-size model at minutes).
 
 The float layers are dropped unless ``keep_original`` (memory is the point); ``restore`` / ``diffboost.unpatch``
@@ -41,7 +41,7 @@ FEATURE = "quant"  # the name of the feature in diffboost.patch (and in a target
 # Attribute of a quantized denoiser holding its (config, report): checkpoints read it.
 MODEL_ATTR = "_diffboost_w4a4"
 # Layers up to this size get the exact SVD; above it the randomized one is as good and much faster.
-_EXACT_SVD_MAX_DIM = 1024
+_EXACT_SVD_MAX_DIM = 512
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ def eligible_layers(model: nn.Module, config: W4A4Config) -> tuple[dict[str, nn.
     """
     chosen, skipped = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, (W4A4Linear,)):
+        if isinstance(module, W4A4Linear):
             raise ValueError(f"diffboost.quant: {name or type(model).__name__} is already W4A4-quantized")
         if not (type(module) is nn.Linear or is_pointwise_conv(module)):
             continue
@@ -171,12 +171,13 @@ def _quantize_layer(
         if config.smooth:
             candidates += list(config.alpha_grid if config.smooth_alpha is None else (config.smooth_alpha,))
         reference = stats.sample.float() @ weight.float().t()
-        results = {}
+        best = None
         for candidate in candidates:
             quantized = build(candidate)
-            results[candidate] = (_output_error(stats.sample, reference, quantized, k), quantized)
-        alpha = min(candidates, key=lambda a: results[a][0])
-        error, weights = results[alpha]
+            candidate_error = _output_error(stats.sample, reference, quantized, k)
+            if best is None or candidate_error < best[0]:
+                best = (candidate_error, candidate, quantized)
+        error, alpha, weights = best
     cls = W4A4Conv2d if isinstance(module, nn.Conv2d) else W4A4Linear
     layer = cls.from_weights(weights, k, backend=config.backend)
     kind = "conv1x1" if isinstance(module, nn.Conv2d) else "linear"
