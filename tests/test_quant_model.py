@@ -243,6 +243,28 @@ def test_patch_quant_argument_errors(tiny_sd):
     assert not any(isinstance(m, W4A4Linear) for m in tiny_sd.unet.modules())
 
 
+def test_a_failure_midway_leaves_the_model_unchanged(monkeypatch):
+    import diffboost.quant.model as quant_model
+
+    model = build_denoiser("tiny-pixart")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    original = quant_model._quantize_layer
+    calls = []
+
+    def fail_on_the_fifth(module, stats, config):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory (simulated)")
+        return original(module, stats, config)
+
+    monkeypatch.setattr(quant_model, "_quantize_layer", fail_on_the_fifth)
+    with pytest.raises(RuntimeError, match="simulated"):
+        diffboost.quant.quantize(model, CONFIG, calibration="data-free")
+    assert not any(isinstance(m, W4A4Linear) for m in model.modules()) and not diffboost.is_patched(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_quantize_twice_raises():
     model = build_denoiser("tiny-pixart")
     diffboost.quant.quantize(model, CONFIG, calibration="data-free")

@@ -70,6 +70,8 @@ def collect(
     generator = torch.Generator().manual_seed(seed)
 
     def hook(name: str, module: nn.Module, args: tuple) -> None:
+        if not args:  # called with its input as a keyword: nothing to record (nn.Linear / nn.Conv2d never are)
+            return
         x = _rows(module, args[0].detach())
         if x.shape[0] == 0:
             return

@@ -219,7 +219,8 @@ def quantize(
             a list of prompts (pipelines; each runs with the pipeline's default number of steps);
             a list of dicts: keyword arguments of ``target(**kwargs)``, one run each;
             a callable: ``calibration(target)`` runs whatever it wants.
-        progress: log each calibration run and quantization progress (``logging.getLogger("diffboost")``).
+        progress: show a progress bar over the layers (tqdm) and log each calibration run
+            (``logging.getLogger("diffboost")``).
 
     Returns:
         component name -> :class:`QuantReport` (``""`` for a bare model). ``diffboost.quant.report(target)`` gives
@@ -244,30 +245,43 @@ def _quantize(target: Any, config: W4A4Config, calibration: Calibration, progres
     if config.smooth and targets:
         stats = run_calibration(target, targets, calibration, config.calibration_tokens, progress)
     calibrated = time.perf_counter()
-    swaps, reports = {}, {}
-    done, total = 0, len(targets)
+    swaps: dict[str, list] = {}
+    reports: dict[str, QuantReport] = {}
+    bar = _progress_bar(len(targets), progress)
+    try:
+        for component, model in components.items():
+            chosen, skipped = plan[component]
+            params_total = sum(p.numel() for p in model.parameters())
+            bytes_before = module_bytes(model)
+            layers, params_quantized = {}, 0
+            undo = swaps[component] = []
+            for name, module in chosen.items():
+                key = f"{component}.{name}" if component else name
+                if config.smooth and calibration != "data-free" and key not in stats:
+                    logger.info("diffboost.quant: %s never ran during calibration; quantized without smoothing", key)
+                with torch.no_grad():
+                    new, layers[name] = _quantize_layer(module, stats.pop(key, None), config)
+                parent_name, _, attribute = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, attribute, new)
+                undo.append((parent, attribute, module))
+                params_quantized += sum(p.numel() for p in module.parameters())
+                if bar is not None:
+                    bar.update()
+            reports[component] = QuantReport(config, layers, skipped, params_total, params_quantized, bytes_before,
+                                             module_bytes(model), 0.0)
+    except BaseException:
+        # A half-quantized model is worse than none: put every layer replaced so far back.
+        for undo in swaps.values():
+            for parent, attribute, original in reversed(undo):
+                setattr(parent, attribute, original)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not config.keep_original:
+        swaps = {c: [(parent, attribute, None) for parent, attribute, _ in undo] for c, undo in swaps.items()}
     for component, model in components.items():
-        chosen, skipped = plan[component]
-        params_total = sum(p.numel() for p in model.parameters())
-        bytes_before = module_bytes(model)
-        layers, undo, params_quantized = {}, [], 0
-        for name, module in chosen.items():
-            key = f"{component}.{name}" if component else name
-            if config.smooth and calibration != "data-free" and key not in stats:
-                logger.info("diffboost.quant: %s never ran during calibration; quantized without smoothing", key)
-            with torch.no_grad():
-                new, layers[name] = _quantize_layer(module, stats.pop(key, None), config)
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, attribute, new)
-            undo.append((parent, attribute, module if config.keep_original else None))
-            params_quantized += sum(p.numel() for p in module.parameters())
-            done += 1
-            if progress and (done % 50 == 0 or done == total):
-                logger.info("diffboost.quant: quantized %d/%d layers", done, total)
-        swaps[component] = undo
-        reports[component] = QuantReport(config, layers, skipped, params_total, params_quantized, bytes_before,
-                                         module_bytes(model), 0.0)
         setattr(model, MODEL_ATTR, reports[component])
     seconds = time.perf_counter() - start
     for component_report in reports.values():
@@ -276,6 +290,17 @@ def _quantize(target: Any, config: W4A4Config, calibration: Calibration, progres
     logger.debug("diffboost.quant: calibration %.1f s, quantization %.1f s", calibrated - start,
                  seconds - (calibrated - start))
     return _QuantState(swaps, reports, config.keep_original)
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar over the layers (tqdm comes with diffusers), or None."""
+    if not enabled or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="diffboost W4A4", unit="layer")
 
 
 def _check_restorable(state: _QuantState) -> None:
