@@ -16,6 +16,8 @@ constexpr int kNR = 3;
 
 inline __m256i dot_step(__m256i acc, __m256i w, __m256i a) { return _mm256_dpbusd_epi32(acc, w, a); }
 
+inline int32_t acc_start(int32_t start) { return start; }
+
 inline __m256i group_sums(__m256i acc) { return acc; }
 
 #include "w4a4/w4a4_x86.inc"
@@ -26,9 +28,13 @@ void quantize_rows_avx512_vnni(const QuantizeArgs& args, int64_t m0, int64_t m1,
   quantize_rows_impl(args, m0, m1, scratch);
 }
 
-void gemm_tile_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                           GemmWorkspace* ws, bool new_rows, bool new_columns) {
-  gemm_tile_impl(args, m0, m1, n0, n1, ws, new_rows, new_columns);
+void prepare_rows_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, const GemmRows& rows) {
+  prepare_rows_impl(args, m0, m1, rows);
+}
+
+void gemm_tile_avx512_vnni(const GemmArgs& args, const GemmRows& rows, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                           GemmWorkspace* ws, bool new_columns) {
+  gemm_tile_impl(args, rows, m0, m1, n0, n1, ws, new_columns);
 }
 
 }  // namespace diffboost::cpu::w4a4

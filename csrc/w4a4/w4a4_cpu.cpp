@@ -1,6 +1,8 @@
 #include "w4a4/w4a4_cpu.h"
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -10,10 +12,12 @@ namespace diffboost::cpu::w4a4 {
 namespace {
 
 using QuantizeRows = void (*)(const QuantizeArgs&, int64_t, int64_t, float*);
-using GemmTile = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, GemmWorkspace*, bool, bool);
+using PrepareRows = void (*)(const GemmArgs&, int64_t, int64_t, const GemmRows&);
+using GemmTile = void (*)(const GemmArgs&, const GemmRows&, int64_t, int64_t, int64_t, int64_t, GemmWorkspace*, bool);
 
 struct Kernels {
   QuantizeRows quantize_rows = nullptr;
+  PrepareRows prepare_rows = nullptr;
   GemmTile gemm_tile = nullptr;
 };
 
@@ -21,16 +25,16 @@ Kernels kernels_for(SimdLevel level, const char* op) {
   Kernels k;
   switch (level) {
     case SimdLevel::kScalar:
-      k = {quantize_rows_scalar, gemm_tile_scalar};
+      k = {quantize_rows_scalar, prepare_rows_scalar, gemm_tile_scalar};
       break;
 #if DIFFBOOST_HAVE_SIMD_AVX2
     case SimdLevel::kAvx2:
-      k = {quantize_rows_avx2, gemm_tile_avx2};
+      k = {quantize_rows_avx2, prepare_rows_avx2, gemm_tile_avx2};
       break;
 #endif
 #if DIFFBOOST_HAVE_SIMD_AVX512_VNNI
     case SimdLevel::kAvx512Vnni:
-      k = {quantize_rows_avx512_vnni, gemm_tile_avx512_vnni};
+      k = {quantize_rows_avx512_vnni, prepare_rows_avx512_vnni, gemm_tile_avx512_vnni};
       break;
 #endif
     default:
@@ -54,21 +58,25 @@ void check_shape(const char* op, int64_t k, int64_t group, int64_t rank) {
   check(rank >= 0 && rank % 16 == 0, op, "rank must be a multiple of 16, got " + std::to_string(rank));
 }
 
-// Runs body(thread_index, begin, end) over [0, n) split into `threads` ranges
-// of whole `grain`s, the first on the calling thread.
+// Runs body(thread_index, begin, end) over [0, n) in chunks of `grain` that
+// `threads` threads (the first the calling one) take in order, each as it
+// finishes its previous chunk: on a CPU shared with other work, a thread that
+// gets less of it takes fewer chunks instead of holding up the call.
 template <class Body>
 void parallel_for(int64_t n, int64_t grain, int threads, const Body& body) {
-  const int64_t units = (n + grain - 1) / grain;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, units));
-  auto range = [&](int64_t t) {
-    const int64_t begin = std::min(n, units * t / workers * grain);
-    const int64_t end = std::min(n, units * (t + 1) / workers * grain);
-    body(static_cast<int>(t), begin, end);
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, chunks));
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(static_cast<int>(t), c * grain, std::min(n, (c + 1) * grain));
+    }
   };
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(workers - 1));
-  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(range, t);
-  range(0);
+  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work, t);
+  work(0);
   for (std::thread& thread : pool) thread.join();
 }
 
@@ -93,7 +101,7 @@ void quantize(SimdLevel level, QuantizeArgs args, const float* smooth, int threa
   const int64_t workers = std::max(1, threads);
   std::vector<std::vector<float>> scratch(static_cast<size_t>(workers),
                                           std::vector<float>(static_cast<size_t>(kQuantizeRows * args.k)));
-  parallel_for(args.m, kQuantizeRows, threads, [&](int t, int64_t begin, int64_t end) {
+  parallel_for(args.m, 4 * kQuantizeRows, threads, [&](int t, int64_t begin, int64_t end) {
     kernels.quantize_rows(args, begin, end, scratch[t].data());
   });
 }
@@ -109,35 +117,38 @@ void gemm(SimdLevel level, const GemmArgs& args, int threads) {
   const int64_t tiles_m = (args.m + kTileM - 1) / kTileM;
   const int64_t tiles_n = (args.n + kTileN - 1) / kTileN;
   const int64_t workers = std::max(1, threads);
-  struct Scratch {
-    std::vector<int8_t> act;
-    std::vector<int32_t> act_sums;
-    std::vector<float> lr, tile, wscales;
-    std::vector<uint8_t> weights;
-  };
   const int64_t groups = args.k / args.group;
+  // The activations are unpacked once for every column tile that uses them. Left uninitialized (new T[]): every
+  // element is written before it is read.
+  const std::unique_ptr<int8_t[]> act(new int8_t[static_cast<size_t>(args.m * args.k)]);
+  const std::unique_ptr<int32_t[]> acc_start(new int32_t[static_cast<size_t>(args.m * groups)]);
+  const std::unique_ptr<float[]> lr(new float[static_cast<size_t>(args.m * args.rank)]);
+  const GemmRows rows{act.get(), acc_start.get(), lr.get()};
+  parallel_for(args.m, kTileM, threads, [&](int, int64_t begin, int64_t end) {
+    kernels.prepare_rows(args, begin, end, rows);
+  });
+  struct Scratch {
+    std::vector<float> tile, wscales;
+    std::vector<uint8_t> weights;
+    int64_t columns = -1;  // the column tile `weights` holds
+  };
   std::vector<Scratch> scratch(static_cast<size_t>(std::min(workers, tiles_m * tiles_n)));
   for (Scratch& s : scratch) {
-    s.act.resize(static_cast<size_t>(kTileM * args.k));
-    s.act_sums.resize(static_cast<size_t>(kTileM * groups));
-    s.lr.resize(static_cast<size_t>(kTileM * args.rank));
     s.tile.resize(static_cast<size_t>(kTileM * kTileN));
-    s.weights.resize(static_cast<size_t>(kTileN * args.k / 2));
+    s.weights.resize(static_cast<size_t>(kTileN * args.k));
     s.wscales.resize(static_cast<size_t>(groups * kTileN));
   }
-  // Column tiles outer: a thread's consecutive tiles share their columns, whose weights it re-lays out once.
-  parallel_for(tiles_m * tiles_n, 1, threads, [&](int t, int64_t begin, int64_t end) {
+  // Column tiles outer, in chunks of a few row tiles: a thread's consecutive tiles mostly share their columns,
+  // whose weights it re-lays out once.
+  parallel_for(tiles_m * tiles_n, 4, threads, [&](int t, int64_t begin, int64_t end) {
     Scratch& s = scratch[t];
-    GemmWorkspace ws{s.act.data(), s.act_sums.data(), s.lr.data(), s.tile.data(), s.weights.data(),
-                     s.wscales.data()};
-    int64_t rows_done = -1, columns_done = -1;
+    GemmWorkspace ws{s.tile.data(), s.weights.data(), s.wscales.data()};
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t tn = tile / tiles_m, tm = tile % tiles_m;
       const int64_t m0 = tm * kTileM, n0 = tn * kTileN;
-      kernels.gemm_tile(args, m0, std::min(args.m, m0 + kTileM), n0, std::min(args.n, n0 + kTileN), &ws,
-                        tm != rows_done, tn != columns_done);
-      rows_done = tm;
-      columns_done = tn;
+      kernels.gemm_tile(args, rows, m0, std::min(args.m, m0 + kTileM), n0, std::min(args.n, n0 + kTileN), &ws,
+                        tn != s.columns);
+      s.columns = tn;
     }
   });
 }

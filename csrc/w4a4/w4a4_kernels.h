@@ -23,7 +23,7 @@ namespace diffboost::cpu::w4a4 {
 // dtypes of x and of the output, as the Python wrapper passes them.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
-// Rows of one GEMM tile: the unit of activation unpacking.
+// Rows of one GEMM tile: the unit of the fp32 result tile and of the epilogue.
 constexpr int64_t kTileM = 64;
 // Columns of one GEMM tile: the unit of weight re-layout (kept in L2 while
 // every row tile of the thread consumes it); a multiple of 8.
@@ -60,36 +60,46 @@ struct GemmArgs {
   int64_t out_stride;
 };
 
+// The GEMM's activations in the form a level's tile kernels read, prepared
+// once per call for all rows (prepare_rows_<level>) and shared by the threads;
+// allocated by the dispatcher with the sizes below, laid out by each level.
+struct GemmRows {
+  int8_t* act;         // m * k bytes: the activations, unpacked
+  int32_t* acc_start;  // m * (k / group): per row and group, the level's integer accumulator start value
+  float* lr;           // m * rank: lr rounded to the output dtype
+};
+
 // Per-thread scratch of the GEMM, allocated by the dispatcher with the sizes
 // below; each level uses what it needs, laid out its own way.
 struct GemmWorkspace {
-  int8_t* act;       // kTileM * k bytes: the tile's activations, unpacked
-  int32_t* act_sums; // kTileM * (k / group): per row and group sums of the activations
-  float* lr;         // kTileM * rank: the tile's lr rows rounded to the output dtype
   float* tile;       // kTileM * kTileN: fp32 results before the epilogue
-  uint8_t* weights;  // kTileN * k / 2 bytes: the column tile's weights, re-laid out
+  uint8_t* weights;  // kTileN * k bytes: the column tile's weights, re-laid out
   float* wscales;    // (k / group) * kTileN: the column tile's scales
 };
 
 // Scratch of the activation pass: kQuantizeRows * k floats.
 //
 // quantize_rows_<level>: rows [m0, m1) of the activation pass.
+// prepare_rows_<level>: rows [m0, m1) of `rows`.
 // gemm_tile_<level>: output rows [m0, m1) x columns [n0, n1) (at most kTileM x
-//   kTileN). `new_rows` / `new_columns` are true when the rows / columns
-//   differ from the previous call on the same workspace (the level refills
-//   what it derives from them).
+//   kTileN), after prepare_rows for all rows. `new_columns` is true when the
+//   columns differ from the previous call on the same workspace (the level
+//   refills what it derives from them).
 void quantize_rows_scalar(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
-void gemm_tile_scalar(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                      bool new_rows, bool new_columns);
+void prepare_rows_scalar(const GemmArgs& args, int64_t m0, int64_t m1, const GemmRows& rows);
+void gemm_tile_scalar(const GemmArgs& args, const GemmRows& rows, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                      GemmWorkspace* ws, bool new_columns);
 #if DIFFBOOST_HAVE_SIMD_AVX2
 void quantize_rows_avx2(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
-void gemm_tile_avx2(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                    bool new_rows, bool new_columns);
+void prepare_rows_avx2(const GemmArgs& args, int64_t m0, int64_t m1, const GemmRows& rows);
+void gemm_tile_avx2(const GemmArgs& args, const GemmRows& rows, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                    GemmWorkspace* ws, bool new_columns);
 #endif
 #if DIFFBOOST_HAVE_SIMD_AVX512_VNNI
 void quantize_rows_avx512_vnni(const QuantizeArgs& args, int64_t m0, int64_t m1, float* scratch);
-void gemm_tile_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                           GemmWorkspace* ws, bool new_rows, bool new_columns);
+void prepare_rows_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, const GemmRows& rows);
+void gemm_tile_avx512_vnni(const GemmArgs& args, const GemmRows& rows, int64_t m0, int64_t m1, int64_t n0,
+                           int64_t n1, GemmWorkspace* ws, bool new_columns);
 #endif
 
 // Scalar helpers shared by every level. `static`: each TU gets its own copy,

@@ -53,25 +53,27 @@ void quantize_rows_scalar(const QuantizeArgs& args, int64_t m0, int64_t m1, floa
   }
 }
 
-void gemm_tile_scalar(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1, GemmWorkspace* ws,
-                      bool new_rows, bool /*new_columns*/) {
-  const int64_t k = args.k, g = args.group, half = k / 2;
-  if (new_rows) {  // signed values in channel order
-    for (int64_t row = m0; row < m1; ++row) {
-      const uint8_t* p = args.qx + row * half;
-      int8_t* a = ws->act + (row - m0) * k;
-      for (int64_t j = 0; j < half; ++j) {
-        a[2 * j] = static_cast<int8_t>(sign_extend_nibble(p[j] & 0xF));
-        a[2 * j + 1] = static_cast<int8_t>(sign_extend_nibble(p[j] >> 4));
-      }
-      for (int64_t j = 0; j < args.rank; ++j) {
-        const float v = args.lr[row * args.rank + j];
-        ws->lr[(row - m0) * args.rank + j] = args.out_dtype == kBFloat16 ? round_to_bf16(v) : v;
-      }
+void prepare_rows_scalar(const GemmArgs& args, int64_t m0, int64_t m1, const GemmRows& rows) {
+  const int64_t k = args.k, half = k / 2;
+  for (int64_t row = m0; row < m1; ++row) {  // signed values in channel order
+    const uint8_t* p = args.qx + row * half;
+    int8_t* a = rows.act + row * k;
+    for (int64_t j = 0; j < half; ++j) {
+      a[2 * j] = static_cast<int8_t>(sign_extend_nibble(p[j] & 0xF));
+      a[2 * j + 1] = static_cast<int8_t>(sign_extend_nibble(p[j] >> 4));
+    }
+    for (int64_t j = 0; j < args.rank; ++j) {
+      const float v = args.lr[row * args.rank + j];
+      rows.lr[row * args.rank + j] = args.out_dtype == kBFloat16 ? round_to_bf16(v) : v;
     }
   }
+}
+
+void gemm_tile_scalar(const GemmArgs& args, const GemmRows& rows, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                      GemmWorkspace* /*ws*/, bool /*new_columns*/) {
+  const int64_t k = args.k, g = args.group, half = k / 2;
   for (int64_t row = m0; row < m1; ++row) {
-    const int8_t* a = ws->act + (row - m0) * k;
+    const int8_t* a = rows.act + row * k;
     for (int64_t col = n0; col < n1; ++col) {
       const uint8_t* w = args.qw + col * half;
       float acc = 0.0f;
@@ -83,7 +85,7 @@ void gemm_tile_scalar(const GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, 
         const int64_t group = g0 / g;
         acc += static_cast<float>(dot) * (args.ascales[group * args.m + row] * args.wscales[group * args.n + col]);
       }
-      for (int64_t j = 0; j < args.rank; ++j) acc += ws->lr[(row - m0) * args.rank + j] * args.up[j * args.n + col];
+      for (int64_t j = 0; j < args.rank; ++j) acc += rows.lr[row * args.rank + j] * args.up[j * args.n + col];
       if (args.bias != nullptr) acc += args.bias[col];
       if (args.out_dtype == kBFloat16) {
         static_cast<uint16_t*>(args.out)[row * args.out_stride + col] = float_to_bf16_bits(acc);
