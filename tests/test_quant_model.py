@@ -304,9 +304,11 @@ def test_pointwise_conv_is_a_gemm_over_pixels(device):
     as_linear = W4A4Linear.from_weights(layer.weights, 96)
     x = torch.randn(2, 96, 5, 7, device=device)
     out = layer(x)
-    assert out.shape == (2, 40, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == (2, 40, 5, 7) and out.is_contiguous()  # the input's memory format
     expected = as_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     assert torch.equal(out, expected)
+    out_cl = layer(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(out_cl, expected)
     dense = layer.to_conv(torch.float32)
     torch.testing.assert_close(dense.weight.view(40, 96), layer.to_linear(torch.float32).weight)
     with pytest.raises(TypeError, match="expected a 1x1 nn.Conv2d"):

@@ -187,9 +187,11 @@ class W4A4Linear(nn.Module):
 class W4A4Conv2d(W4A4Linear):
     """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) in W4A4: a GEMM over the pixels.
 
-    ``forward`` takes ``[B, C, H, W]`` and returns ``[B, N, H, W]`` in channels-last memory order (a permuted view
-    of the GEMM output; a channels-last input needs no copy on the way in either). Build one with
-    :meth:`from_conv`; everything else is :class:`W4A4Linear`'s.
+    ``forward`` takes ``[B, C, H, W]`` and returns ``[B, N, H, W]`` in the input's memory format: a channels-last
+    input goes through without copies (the GEMM's rows are its pixels); a contiguous NCHW input is transposed on the
+    way in and the output back to NCHW, since a channels-last tensor flowing into the model's 3x3 convolutions would
+    make every one of them re-lay out its weight on each call (measured on CPU: slower than the copies). Build one
+    with :meth:`from_conv`; everything else is :class:`W4A4Linear`'s.
     """
 
     @classmethod
@@ -213,7 +215,8 @@ class W4A4Conv2d(W4A4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"W4A4Conv2d: expected a [B, C, H, W] input, got shape {list(x.shape)}")
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     def to_conv(self, dtype: Optional[torch.dtype] = None) -> nn.Conv2d:
         """A float 1x1 ``nn.Conv2d`` with the dequantized weight (see :meth:`W4A4Linear.to_linear`)."""
