@@ -459,7 +459,7 @@ def _run_variant(pipe: Any, variant: Variant, settings: Settings, cuda: bool, pr
     try:
         diffboost.unpatch(pipe)
     except Exception as exc:  # noqa: BLE001 - reported, and the caller reloads the pipeline
-        row["unpatch_error"] = f"{type(exc).__name__}: {exc}"
+        row["unpatch_error"] = f"{type(exc).__name__}: {str(exc).split(';')[0]}"  # the cause, not the advice
         return row, images, False
     return row, images, True
 
@@ -517,8 +517,7 @@ def run_benchmark(load: Callable[[], Any], variants: Sequence[Variant], settings
             out.line(f"    {row['status']}: {row['reason']}")
         rows.append(row)
         if not intact:
-            notes.append(f"unpatching {variant.name} could not restore the pipeline ({row['unpatch_error']}); "
-                         "it is reloaded for the next variant")
+            notes.append(f"{variant.name} cannot be undone in place: the pipeline was reloaded after it")
             out.line(f"    {notes[-1]}")
             pipe = None  # released before a fresh copy is loaded
             if cuda:

@@ -67,7 +67,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]
         refs = [ref(row["reason"])] if row.get("reason") else []
         refs += [ref(note) for note in row.get("fallbacks", [])]
         if row.get("unpatch_error"):
-            refs.append(ref(f"unpatch could not restore the pipeline ({row['unpatch_error']})"))
+            refs.append(ref(f"not undoable in place ({row['unpatch_error']}): the pipeline was reloaded after it"))
         line.append(" ".join(([] if ok else [row["status"]]) + refs))
         cells.append(line)
     return headers, cells, [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]
