@@ -7,6 +7,7 @@ images against the float pipeline's on the same seed; the numbers are printed (`
 from __future__ import annotations
 
 import fnmatch
+import inspect
 
 import pytest
 import torch
@@ -168,6 +169,32 @@ def test_self_calibration_of_a_bare_denoiser():
     assert any(r.alpha is not None for r in report.layers.values())  # activation data drove the smoothing
     out = model(**diffboost.models.example_denoiser_inputs(model)).sample
     assert torch.isfinite(out).all()
+
+
+def test_patch_without_calibration_self_calibrates_the_pipeline(tiny_pixart):
+    calls = []
+    tiny_pixart.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    diffboost.patch(tiny_pixart, quant=CONFIG)
+    # One sampling run of the self-calibration (CFG batched into one call per step), then quantized.
+    from diffboost.quant.calibrate import SELF_CALIBRATION_SEEDS, SELF_CALIBRATION_STEPS
+
+    assert len(calls) == SELF_CALIBRATION_STEPS * len(SELF_CALIBRATION_SEEDS)
+    report = diffboost.quant.report(tiny_pixart)["transformer"]
+    assert report.layers and all(r.error is not None for r in report.layers.values())
+    assert torch.isfinite(generate(tiny_pixart)).all()
+
+
+def test_prompts_calibrate_a_pipeline_with_its_own_steps(tiny_sd):
+    steps = []
+    tiny_sd.unet.register_forward_pre_hook(lambda m, a, k: steps.append(1), with_kwargs=True)
+    reports = diffboost.quant.quantize(tiny_sd, CONFIG, calibration=["a red fox in the snow"], progress=False)
+    default_steps = inspect.signature(type(tiny_sd).__call__).parameters["num_inference_steps"].default
+    assert len(steps) == default_steps  # the real number of steps, CFG in one batch
+    assert reports["unet"].layers
+    with pytest.raises(TypeError, match="a bare model needs forward kwargs"):
+        diffboost.quant.quantize(build_denoiser("tiny-pixart"), CONFIG, calibration=["a prompt"])
+    with pytest.raises(TypeError, match="all be prompts .* or all call kwargs"):
+        diffboost.quant.quantize(build_denoiser("tiny-pixart"), CONFIG, calibration=["a prompt", {}])
 
 
 def test_data_free_quantizes_without_smoothing():
