@@ -118,7 +118,8 @@ def _self_calibration_runs(target: Any) -> list[Callable[[], Any]]:
             top = 1.0 if t.is_floating_point() and float(t.max()) <= 1.0 else 999.0  # FLUX takes t in [0, 1]
             for step in range(SELF_CALIBRATION_STEPS):
                 level = top * (1.0 - step / SELF_CALIBRATION_STEPS)
-                step_kwargs = dict(kwargs, timestep=torch.full_like(t, level if t.is_floating_point() else round(level)))
+                level = level if t.is_floating_point() else round(level)
+                step_kwargs = dict(kwargs, timestep=torch.full_like(t, level))
                 runs.append(lambda k=step_kwargs: target(**k))
         return runs
     runs = []

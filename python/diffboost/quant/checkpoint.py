@@ -153,13 +153,16 @@ def _check_layers(path: str, model: nn.Module, header: dict[str, Any]) -> dict[s
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             _fail(path, f"layer {name!r} has a malformed entry ({error})")
         if module is None:
-            _fail(path, f"layer {name!r} does not exist in this {type(model).__name__} (a checkpoint of another model?)")
+            _fail(path, f"layer {name!r} does not exist in this {type(model).__name__} (a checkpoint of another "
+                        "model?)")
         if isinstance(module, W4A4Linear):
             _fail(path, f"layer {name!r} is already W4A4-quantized; load onto an unquantized model")
         if kind == "linear":
-            ok, shape = type(module) is nn.Linear, (getattr(module, "in_features", None), getattr(module, "out_features", None))
+            ok = type(module) is nn.Linear
+            shape = (module.in_features, module.out_features) if ok else None
         else:
-            ok, shape = is_pointwise_conv(module), (getattr(module, "in_channels", None), getattr(module, "out_channels", None))
+            ok = is_pointwise_conv(module)
+            shape = (module.in_channels, module.out_channels) if ok else None
         if not ok or shape != (k, n) or (module.bias is not None) != spec["bias"]:
             _fail(path, f"layer {name!r} is {module!r} here but a {kind} {k} -> {n} (bias={spec['bias']}) in the "
                         "checkpoint (a checkpoint of another model?)")
