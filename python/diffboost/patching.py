@@ -171,15 +171,16 @@ def unpatch(pipe: Any) -> Any:
     raised says how to get the original weights back.
     """
     state = _state(pipe)
-    stuck = []
+    stuck, error = [], None
     for entry in reversed(list(state)):
         try:
             _FEATURES[entry[0]].check_uninstall(pipe, entry[2])
-        except RuntimeError:
+        except RuntimeError as exc:
             stuck.append(entry)
+            error = error or exc
     _uninstall(pipe, [entry for entry in state if not any(entry is s for s in stuck)])
-    if stuck:
-        _FEATURES[stuck[0][0]].check_uninstall(pipe, stuck[0][2])  # raises its own message
+    if error is not None:
+        raise error
     return pipe
 
 

@@ -274,33 +274,39 @@ def _attention_fake(query, key, value, attn_mask, is_causal, scale, precision, r
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _validate(query, key, value, attn_mask, is_causal, scale, precision) -> None:
+def _validate_qkv(fn: str, query, key, value) -> tuple[torch.Size, torch.Size, torch.Size]:
+    """The checks every attention op shares: three 4-D float tensors ``(batch, heads, seq, head_dim)`` on one
+    device, of one dtype, with equal batch and head counts, query and key head dims, key and value lengths.
+    Returns the three shapes; ``fn`` names the op in the messages."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
-                f"attention: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"attention: {name} dtype {t.dtype} not supported (float16, bfloat16, float32, float64)")
+            raise ValueError(f"{fn}: {name} dtype {t.dtype} not supported (float16, bfloat16, float32, float64)")
     if not (query.device == key.device == value.device):
         raise ValueError(
-            f"attention: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+            f"{fn}: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(
-            f"attention: query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+            f"{fn}: query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
         )
-    (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, _) = query.shape, key.shape, value.shape
+    (b, h, _, d), (bk, hk, lk, dk), (bv, hv, lv, _) = query.shape, key.shape, value.shape
     if not (b == bk == bv):
-        raise ValueError(f"attention: batch sizes differ: query {b}, key {bk}, value {bv}")
+        raise ValueError(f"{fn}: batch sizes differ: query {b}, key {bk}, value {bv}")
     if not (h == hk == hv):
-        raise ValueError(f"attention: head counts differ: query {h}, key {hk}, value {hv}")
+        raise ValueError(f"{fn}: head counts differ: query {h}, key {hk}, value {hv}")
     if d != dk:
-        raise ValueError(f"attention: query head_dim {d} differs from key head_dim {dk}")
+        raise ValueError(f"{fn}: query head_dim {d} differs from key head_dim {dk}")
     if lk != lv:
-        raise ValueError(f"attention: key has {lk} tokens but value has {lv}")
+        raise ValueError(f"{fn}: key has {lk} tokens but value has {lv}")
+    return query.shape, key.shape, value.shape
+
+
+def _validate(query, key, value, attn_mask, is_causal, scale, precision) -> None:
+    (b, h, lq, _), (_, _, lk, _), _ = _validate_qkv("attention", query, key, value)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")

@@ -24,14 +24,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from diffboost.ops.attention import _empty_like_layout, _layout_strides
+from diffboost.ops.attention import _empty_like_layout, _layout_strides, _validate_qkv
 from diffboost.ops.registry import Backend, get_op
 
 __all__ = ["FEATURE_MAPS", "LINEAR_ATTENTION_OP", "linear_attention", "linear_attention_reference"]
 
 FEATURE_MAPS = ("elu", "relu")
 MAX_TRITON_HEAD_DIM = 256
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 LINEAR_ATTENTION_OP = get_op(
     "linear_attention", "normalized non-causal linear attention, (batch, heads, seq, head_dim)"
@@ -163,35 +162,7 @@ def _linear_attention_fake(query, key, value, key_padding_mask, feature_map, eps
 
 
 def _validate(query, key, value, key_padding_mask, feature_map, eps) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"linear_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"linear_attention: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
-            )
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"linear_attention: {name} dtype {t.dtype} not supported (float16, bfloat16, float32, float64)"
-            )
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            "linear_attention: query, key and value must be on one device, "
-            f"got {query.device}, {key.device}, {value.device}"
-        )
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(
-            f"linear_attention: query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
-        )
-    (b, h, _, d), (bk, hk, n, dk), (bv, hv, nv, dv) = query.shape, key.shape, value.shape
-    if not (b == bk == bv):
-        raise ValueError(f"linear_attention: batch sizes differ: query {b}, key {bk}, value {bv}")
-    if not (h == hk == hv):
-        raise ValueError(f"linear_attention: head counts differ: query {h}, key {hk}, value {hv}")
-    if d != dk:
-        raise ValueError(f"linear_attention: query head_dim {d} differs from key head_dim {dk}")
-    if n != nv:
-        raise ValueError(f"linear_attention: key has {n} tokens but value has {nv}")
+    (b, _, _, d), (_, _, n, _), (_, _, _, dv) = _validate_qkv("linear_attention", query, key, value)
     if n == 0:
         raise ValueError("linear_attention: key and value must have at least one token")
     if d == 0 or dv == 0:

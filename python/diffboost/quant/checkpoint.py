@@ -273,6 +273,6 @@ def load_quantized(
         reports[component] = QuantReport(config, layers, {}, params_total, params_quantized, bytes_before,
                                           module_bytes(model), 0.0)
         setattr(model, MODEL_ATTR, reports[component])
-    # Not restorable: the skeleton's float layers were never the real weights.
-    _push(target, FEATURE, next(iter(plans.values()))[2], _QuantState(swaps, reports, keep_original=False))
+    # No originals (None): the skeleton's float layers were never the real weights, so this cannot be undone.
+    _push(target, FEATURE, next(iter(plans.values()))[2], _QuantState(swaps, reports))
     return reports

@@ -94,11 +94,11 @@ class QuantReport:
 
 @dataclasses.dataclass
 class _QuantState:
-    """Undo information of one :func:`quantize` call: per denoiser, (parent, attribute, original or None)."""
+    """Undo information of one :func:`quantize` call: per denoiser, (parent, attribute, original); the originals are
+    None when they were not kept."""
 
     swaps: dict[str, list[tuple[nn.Module, str, Optional[nn.Module]]]]
     reports: dict[str, QuantReport]
-    keep_original: bool
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -289,7 +289,7 @@ def _quantize(target: Any, config: W4A4Config, calibration: Calibration, progres
         logger.info("diffboost.quant: %s", component_report)
     logger.debug("diffboost.quant: calibration %.1f s, quantization %.1f s", calibrated - start,
                  seconds - (calibrated - start))
-    return _QuantState(swaps, reports, config.keep_original)
+    return _QuantState(swaps, reports)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -304,7 +304,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _check_restorable(state: _QuantState) -> None:
-    if not state.keep_original:
+    if any(original is None for undo in state.swaps.values() for _, _, original in undo):
         raise RuntimeError(
             "diffboost: the denoiser was W4A4-quantized with keep_original=False, so its original weights are gone "
             "and it cannot be restored in place; reload the model (e.g. DiffusionPipeline.from_pretrained(...)), or "
