@@ -47,6 +47,7 @@ import torch
 
 from diffboost.bench.machine import cpu_cache_bytes
 from diffboost.bench.machine import machine_info as _machine_info
+from diffboost.bench.report import rounded
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -378,16 +379,6 @@ def run_cases(cases: Iterable[Case], *, warmup_ms: float = 25, rep_ms: float = 1
 # Results files and tables
 # --------------------------------------------------------------------------------------------------
 
-def _rounded(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if not math.isfinite(obj) or obj == 0 else float(f"{obj:.{SIGNIFICANT_DIGITS}g}")
-    if isinstance(obj, Mapping):
-        return {key: _rounded(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_rounded(item) for item in obj]
-    return obj
-
-
 def default_command() -> str:
     """The command line that started this process, as ``python -m module ...`` when run with ``-m``."""
     main = sys.modules.get("__main__")
@@ -416,7 +407,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], name: str, *, out_dir: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{device_slug(machine, device)}.json"
-    path.write_text(json.dumps(_rounded(doc), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(rounded(doc, SIGNIFICANT_DIGITS), indent=2) + "\n", encoding="utf-8")
     return path
 
 

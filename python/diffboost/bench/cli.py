@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import re
 import shlex
 import sys
@@ -328,17 +327,6 @@ def _extension_line() -> str:
     return f"_C extension loaded, {cuda}, CPU SIMD {info.get('cpu_simd_runtime')}"
 
 
-def _rounded(obj: Any) -> Any:
-    """Floats to 6 significant digits (timings are not more precise), so a rerun's diff shows real changes."""
-    if isinstance(obj, float):
-        return obj if not math.isfinite(obj) or obj == 0 else float(f"{obj:.6g}")
-    if isinstance(obj, dict):
-        return {key: _rounded(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_rounded(item) for item in obj]
-    return obj
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``diffboost bench``; bad arguments exit with code 2 and a message saying what to change."""
     from diffboost.bench import report
@@ -421,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
             "rows": rows,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_rounded(doc), indent=2) + "\n", encoding="utf-8")
+        # 6 significant digits: timings are not more precise.
+        args.json.write_text(json.dumps(report.rounded(doc, 6), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     if args.plot is not None:
         path = report.plot(rows, args.plot, title=report.headline(config))

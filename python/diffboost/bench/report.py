@@ -6,11 +6,24 @@ The same :func:`table` feeds the plain-text table the command prints and the mar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["describe_settings", "headline", "markdown", "plot", "table", "text_table"]
+__all__ = ["describe_settings", "headline", "markdown", "plot", "rounded", "table", "text_table"]
+
+
+def rounded(obj: Any, digits: int) -> Any:
+    """``obj`` (JSON-like) with every float rounded to ``digits`` significant digits, so that a rerun's diff of a
+    results file shows real changes rather than float noise."""
+    if isinstance(obj, float):
+        return obj if not math.isfinite(obj) or obj == 0 else float(f"{obj:.{digits}g}")
+    if isinstance(obj, Mapping):
+        return {key: rounded(value, digits) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(item, digits) for item in obj]
+    return obj
 
 def _seconds(ms: float | None) -> str:
     if ms is None:
