@@ -197,6 +197,24 @@ def test_prompts_calibrate_a_pipeline_with_its_own_steps(tiny_sd):
         diffboost.quant.quantize(build_denoiser("tiny-pixart"), CONFIG, calibration=["a prompt", {}])
 
 
+def test_calibration_stats_of_a_1x1_conv_and_a_linear_layer_agree():
+    """A 1x1 conv's GEMM rows are its pixels: the same data through a conv and a linear layer gives the same per-channel
+    maxima, and the row sample (larger than the data here, so it keeps everything) holds exactly the input's rows."""
+    from diffboost.quant.calibrate import collect
+
+    conv, linear = nn.Conv2d(8, 4, 1), nn.Linear(8, 4)
+    x = torch.randn(3, 8, 5, 6)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
+    with collect({"conv": conv, "linear": linear}, max_rows=1000) as stats:
+        conv(x)
+        linear(x.permute(0, 2, 3, 1))
+        linear(x.permute(0, 2, 3, 1)[:0])  # an empty call records nothing
+    for name in ("conv", "linear"):
+        entry = stats[name]
+        assert torch.equal(entry.amax, rows.abs().amax(0)) and entry.calls == 1 and entry.rows == 90
+        assert torch.equal(entry.sample.sort(0).values, rows.sort(0).values)
+
+
 def test_data_free_quantizes_without_smoothing():
     model = build_denoiser("tiny-pixart")
     diffboost.quant.quantize(model, CONFIG, calibration="data-free")

@@ -51,11 +51,15 @@ class ActivationStats:
     _keys: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
 
 
-def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as GEMM rows ``[M, K]``: tokens of a linear layer, pixels of a 1x1 convolution."""
+def _channel_amax_and_rows(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, Callable]:
+    """Per-input-channel ``max |x|`` (fp32), the number of GEMM rows (tokens of a linear layer, pixels of a 1x1
+    convolution) and ``pick(index) -> [len(index), K]`` rows, without laying the whole input out as rows."""
     if isinstance(module, nn.Conv2d):
-        return x.movedim(1, -1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
+        pixels = x.flatten(2)  # [B, C, H*W], a view
+        hw = pixels.shape[2]
+        return x.abs().amax(dim=(0, 2, 3)).float(), x.shape[0] * hw, lambda i: pixels[i // hw, :, i % hw]
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.abs().amax(dim=0).float(), rows.shape[0], lambda i: rows[i]
 
 
 @contextlib.contextmanager
@@ -72,22 +76,22 @@ def collect(
     def hook(name: str, module: nn.Module, args: tuple) -> None:
         if not args:  # called with its input as a keyword: nothing to record (nn.Linear / nn.Conv2d never are)
             return
-        x = _rows(module, args[0].detach())
-        if x.shape[0] == 0:
+        x = args[0].detach()
+        if x.numel() == 0:
             return
-        amax = x.abs().amax(dim=0).float()
-        take = torch.randperm(x.shape[0], generator=generator)[:max_rows].to(x.device)
+        amax, rows, pick = _channel_amax_and_rows(module, x)
+        take = torch.randperm(rows, generator=generator)[:max_rows].to(x.device)
         keys = torch.rand(take.shape[0], generator=generator).to(x.device)
         entry = stats.get(name)
         if entry is None:
-            entry = stats[name] = ActivationStats(amax, x[take], _keys=keys)
+            entry = stats[name] = ActivationStats(amax, pick(take), _keys=keys)
         else:
             entry.amax = torch.maximum(entry.amax, amax)
-            sample, keys = torch.cat([entry.sample, x[take]]), torch.cat([entry._keys, keys])
+            sample, keys = torch.cat([entry.sample, pick(take)]), torch.cat([entry._keys, keys])
             keep = keys.topk(min(max_rows, keys.shape[0])).indices
             entry.sample, entry._keys = sample[keep], keys[keep]
         entry.calls += 1
-        entry.rows += x.shape[0]
+        entry.rows += rows
 
     handles = [module.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a)) for name, module in layers.items()]
     try:
