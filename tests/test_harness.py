@@ -2,7 +2,6 @@
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -251,10 +250,8 @@ def test_attention_shapes():
 
 
 def test_bench_attention_quick_cpu_end_to_end(tmp_path, capsys):
-    start = time.perf_counter()
     assert bench_attention.main(["--quick", "--device", "cpu", "--shapes", "sd15,flux", "--threads", "1",
                                  "--out", str(tmp_path)]) == 0
-    assert time.perf_counter() - start < 30
     (path,) = tmp_path.glob("attention-quick-cpu-*.json")
     doc = json.loads(path.read_text())
     assert doc["command"].startswith("python -m benchmarks.bench_attention --quick")
