@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases
+from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases, save_rows
 
 DEEPCACHE_PACKAGE = "DeepCache"
 
@@ -223,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timing = {"warmup_ms": warmup / 4, "rep_ms": rep / 4} if args.quick else {"warmup_ms": warmup,
                                                                                       "rep_ms": rep}
         rows += run_cases(cases, **timing)
+        save_rows(rows, "cache", args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
     return finish(rows, "cache", args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import Case, add_common_arguments, finish, resolve_device, run_cases
+from benchmarks.harness import Case, add_common_arguments, finish, resolve_device, run_cases, save_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ CALIBRATION_TIMESTEPS = 4
 QUICK_TIMING = {"warmup_ms": 1, "rep_ms": 1}
 CPU_TIMING = {"warmup_ms": 1, "rep_ms": 20_000}
 CUDA_TIMING = {"warmup_ms": 2_000, "rep_ms": 8_000}
+PACKAGES = ("diffusers",)  # versions recorded with the results
 
 
 class Subject:
@@ -192,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for key in models:  # one model at a time: its float and quantized weights are freed before the next
         rows += run_cases(build_cases([key], args.quick, device), **timing)
+        save_rows(rows, "quant", args, argv, script="bench_quant", packages=PACKAGES)
         if device == "cuda":
             torch.cuda.empty_cache()
-    return finish(rows, "quant", args, argv, script="bench_quant", packages=("diffusers",))
+    return finish(rows, "quant", args, argv, script="bench_quant", packages=PACKAGES)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""W4A4 linear-layer benchmark: diffboost's W4A4 kernels vs dense F.linear and INT8 torch._int_mm.
+"""W4A4 linear-layer benchmark: diffboost's W4A4 (and weight-only W4A16) kernels vs dense F.linear and torch._int_mm.
 
     python -m benchmarks.bench_w4a4 [--device auto|cuda|cpu] [--quick] [--threads N] [--out benchmarks/results]
 
@@ -11,11 +11,15 @@ the fastest dense ``F.linear`` measured in the same run (fp32 and bf16 on CPU, b
 ``w4a4-<backend>``               :class:`diffboost.quant.W4A4Linear` (group 64, smoothing, rank-32 branch, bias):
                                 the whole layer, activation quantization included.
 ``w4a4-gemm-<backend>``          the W4A4 GEMM alone on pre-quantized activations.
+``w4a16-<backend>``              :class:`diffboost.quant.W4A16Linear` (group 64, bias) on the ``modulation`` shapes:
+                                the adaLN projections quantized weight-only, one row per sample, bound by reading
+                                the weight (``gbps`` counts the weight bytes read).
 
 The layer is built from a random ``nn.Linear`` with :meth:`W4A4Linear.from_linear`; each row's ``sqnr_db`` is the
 SQNR of its output against the dense layer in fp64 on the same Gaussian input (quantization error plus kernel error).
 FLOPs count the main GEMM, ``2 M N K``. Shapes: CPU M=4096, K=N=3072 and M=1024, K=N=1280 (``--quick``: tiny ones,
-for tests); CUDA the FLUX (M=4608, K=3072, N=3072/12288) and SDXL (M=4096, K=N=640/1280) layers.
+for tests); CUDA the FLUX (M=4608, K=3072, N=3072/12288) and SDXL (M=4096, K=N=640/1280) layers. Modulation
+shapes: FLUX's double- and single-block adaLN projections at batch 2 (K=3072, N=18432/9216); CPU one of them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Shape:
     M: int
     K: int
     N: int
+    weight_only: bool = False  # a modulation layer: dense vs W4A16 rows
 
     @property
     def name(self) -> str:
@@ -55,16 +60,21 @@ class Shape:
         return 2 * self.M * self.N * self.K
 
 
-CPU_SHAPES = (Shape("flux", 4096, 3072, 3072), Shape("sdxl", 1024, 1280, 1280))
-CPU_QUICK_SHAPES = (Shape("quick", 128, 256, 192), Shape("quick", 77, 128, 320))
+CPU_SHAPES = (Shape("flux", 4096, 3072, 3072), Shape("sdxl", 1024, 1280, 1280),
+              Shape("flux-modulation", 2, 3072, 9216, weight_only=True))
+CPU_QUICK_SHAPES = (Shape("quick", 128, 256, 192), Shape("quick", 77, 128, 320),
+                    Shape("quick-modulation", 2, 256, 384, weight_only=True))
 CUDA_SHAPES = (Shape("flux", 4608, 3072, 3072), Shape("flux", 4608, 3072, 12288),
-               Shape("sdxl", 4096, 640, 640), Shape("sdxl", 4096, 1280, 1280))
+               Shape("sdxl", 4096, 640, 640), Shape("sdxl", 4096, 1280, 1280),
+               Shape("flux-modulation", 2, 3072, 18432, weight_only=True),
+               Shape("flux-modulation", 2, 3072, 9216, weight_only=True))
 
 
 @functools.lru_cache(maxsize=1)
 def make_layer(shape: Shape, device: str) -> dict[str, Any]:
-    """The dense layer, its W4A4 form and a Gaussian input for one shape (cached for the group being timed)."""
-    from diffboost.quant import W4A4Linear, smooth_factors
+    """The dense layer, its W4A4 (or W4A16) form and a Gaussian input for one shape (cached for the group being
+    timed)."""
+    from diffboost.quant import W4A4Linear, W4A16Linear, smooth_factors
 
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(shape.K, shape.N)
@@ -72,10 +82,13 @@ def make_layer(shape: Shape, device: str) -> dict[str, Any]:
         linear.weight.copy_(torch.randn(shape.N, shape.K, generator=generator) / shape.K**0.5)
         linear.bias.copy_(torch.randn(shape.N, generator=generator) * 0.1)
     x = torch.randn(shape.M, shape.K, generator=generator)
-    smooth = smooth_factors(x.abs().amax(0), linear.weight)
-    w4a4 = W4A4Linear.from_linear(linear, GROUP_SIZE, RANK, smooth=smooth).to(device)
+    if shape.weight_only:
+        quantized = W4A16Linear.from_linear(linear, GROUP_SIZE).to(device)
+    else:
+        smooth = smooth_factors(x.abs().amax(0), linear.weight)
+        quantized = W4A4Linear.from_linear(linear, GROUP_SIZE, RANK, smooth=smooth).to(device)
     ref = (x.double() @ linear.weight.double().t() + linear.bias.double()).to(device)
-    return {"linear": linear.to(device), "w4a4": w4a4, "x": x.to(device), "ref": ref}
+    return {"linear": linear.to(device), "quantized": quantized, "x": x.to(device), "ref": ref}
 
 
 def sqnr(out: torch.Tensor, *_inputs: Any, ref: torch.Tensor) -> dict[str, float]:
@@ -129,7 +142,7 @@ def make_int_mm(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
     return functools.partial(torch._int_mm, a, b)
 
 
-def w4a4_inputs(shape: Shape, device: str, dtype: torch.dtype):
+def layer_inputs(shape: Shape, device: str, dtype: torch.dtype):
     layer = make_layer(shape, device)
     return (layer["x"].to(dtype),)
 
@@ -137,7 +150,7 @@ def w4a4_inputs(shape: Shape, device: str, dtype: torch.dtype):
 def make_w4a4(shape: Shape, device: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     from diffboost.ops import BackendUnavailableError
 
-    layer = make_layer(shape, device)["w4a4"]
+    layer = make_layer(shape, device)["quantized"]
     call = functools.partial(_forward, layer, backend, x)
     try:
         call()
@@ -154,7 +167,7 @@ def _forward(layer, backend: str, x: torch.Tensor) -> torch.Tensor:
 def make_w4a4_gemm(shape: Shape, device: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     from diffboost.ops import BackendUnavailableError, w4a4_gemm, w4a4_quantize_act
 
-    w = make_layer(shape, device)["w4a4"].weights
+    w = make_layer(shape, device)["quantized"].weights
     qx, ascales, lr = w4a4_quantize_act(x, GROUP_SIZE, w.smooth, w.lora_down)
     call = functools.partial(w4a4_gemm, qx, ascales, w.qweight, w.wscales, lora_act=lr, lora_up=w.lora_up,
                              bias=w.bias, out_dtype=x.dtype, backend=backend)
@@ -166,7 +179,8 @@ def make_w4a4_gemm(shape: Shape, device: str, backend: str, x: torch.Tensor) -> 
 
 
 def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
-    """Dense baselines, the INT8 peer and diffboost's W4A4 backends for each shape."""
+    """Dense baselines, the INT8 peer and diffboost's W4A4 backends for each shape (dense and W4A16 for the
+    modulation shapes)."""
     dense_dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
     w4a4_dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
     backends = ("cpu",) if device == "cpu" else ("cuda", "triton")
@@ -180,16 +194,30 @@ def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
 
         for dtype in dense_dtypes:
             name = str(dtype).removeprefix("torch.")
+            weight_bytes = shape.N * shape.K * dtype.itemsize if shape.weight_only else None
             cases.append(Case(name=f"linear-{'fp32' if dtype == torch.float32 else 'bf16'}", make_fn=make_dense,
                               inputs=functools.partial(dense_inputs, shape, device, dtype), baseline=True,
-                              dtype=name, check=check, params={"impl": "torch.F.linear"}, **common))
+                              dtype=name, check=check, params={"impl": "torch.F.linear"}, bytes=weight_bytes,
+                              **common))
+        if shape.weight_only:
+            # The W4A16 op has a Triton kernel for GPUs; on a CPU it runs the reference (dequantize + matmul).
+            weight_bytes = shape.N * shape.K // 2 + 2 * shape.N * shape.K // GROUP_SIZE
+            for dtype in w4a4_dtypes:
+                suffix = "" if len(w4a4_dtypes) == 1 else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
+                backend = "triton" if device == "cuda" else "reference"
+                cases.append(Case(name=f"w4a16-{backend}{suffix}", dtype=str(dtype).removeprefix("torch."),
+                                  inputs=functools.partial(layer_inputs, shape, device, dtype), check=check,
+                                  make_fn=functools.partial(make_w4a4, shape, device, backend), bytes=weight_bytes,
+                                  params={"impl": "diffboost", "backend": backend, "group_size": GROUP_SIZE},
+                                  **common))
+            continue
         cases.append(Case(name="int_mm-int8", make_fn=make_int_mm, inputs=functools.partial(int8_inputs, shape, device),
                           dtype="int8", params={"impl": "torch._int_mm", "note": "INT8 GEMM only"}, **common))
         for backend in backends:
             for dtype in w4a4_dtypes:
                 suffix = "" if len(w4a4_dtypes) == 1 else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
                 params = {"impl": "diffboost", "backend": backend, "group_size": GROUP_SIZE, "rank": RANK}
-                inputs = functools.partial(w4a4_inputs, shape, device, dtype)
+                inputs = functools.partial(layer_inputs, shape, device, dtype)
                 dtype_name = str(dtype).removeprefix("torch.")
                 cases.append(Case(name=f"w4a4-{backend}{suffix}", inputs=inputs, dtype=dtype_name, check=check,
                                   make_fn=functools.partial(make_w4a4, shape, device, backend), params=params,

@@ -504,13 +504,23 @@ def resolve_device(parser, args, *, cpu_needs_quick: str | None = None) -> str:
     return device
 
 
-def finish(rows: Sequence[Mapping[str, Any]], name: str, args, argv: Sequence[str] | None, *, script: str,
-           packages: Sequence[str] = ()) -> int:
-    """Write ``rows`` as ``<name>[-quick]-<machine>.json`` with the command that produced them, print the table."""
+def save_rows(rows: Sequence[Mapping[str, Any]], name: str, args, argv: Sequence[str] | None, *, script: str,
+              packages: Sequence[str] = ()) -> Path:
+    """Write ``rows`` as ``<name>[-quick]-<machine>.json`` with the command that produced them; returns the path.
+
+    Benchmarks that run group after group (one pipeline at a time) call it after each group, so a run stopped
+    midway (a time limit on a lent GPU) keeps what it measured; :func:`finish` writes the whole set at the end.
+    """
     argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
-    path = write_results(rows, f"{name}-quick" if args.quick else name, out_dir=args.out,
+    return write_results(rows, f"{name}-quick" if args.quick else name, out_dir=args.out,
                          machine=machine_info(packages=tuple(packages)),
                          command=f"python -m benchmarks.{script} {argv_text}".rstrip())
+
+
+def finish(rows: Sequence[Mapping[str, Any]], name: str, args, argv: Sequence[str] | None, *, script: str,
+           packages: Sequence[str] = ()) -> int:
+    """Write ``rows`` (:func:`save_rows`) and print the table."""
+    path = save_rows(rows, name, args, argv, script=script, packages=packages)
     print_table(rows)
     print(f"\nwrote {path}")
     return 0

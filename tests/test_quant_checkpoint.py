@@ -10,7 +10,7 @@ import torch
 
 import diffboost
 from diffboost.models import build_denoiser, build_pipeline, example_denoiser_inputs, example_inputs
-from diffboost.quant import W4A4Config, W4A4Linear
+from diffboost.quant import Int4Linear, W4A4Config
 from diffboost.quant.checkpoint import HEADER, TENSORS
 
 CONFIG = W4A4Config(group_size=32, rank=16, alpha_grid=(0.5,))
@@ -24,7 +24,7 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[key], value) for key, value in before.items())
-    assert not any(isinstance(m, W4A4Linear) for m in model.modules())
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
     assert not diffboost.is_patched(model)
 
 
@@ -82,11 +82,13 @@ def test_load_onto_a_meta_skeleton(saved_flux):
 def test_header_records_config_layers_and_checksums(saved_flux):
     directory = saved_flux[0]
     header = json.loads((directory / HEADER).read_text())
-    assert header["format"] == "diffboost-w4a4" and header["version"] == 1
+    assert header["format"] == "diffboost-w4a4" and header["version"] == 2
     assert header["model_class"] == "FluxTransformer2DModel"
     assert W4A4Config.from_json(header["config"]) == CONFIG
     spec = header["layers"]["transformer_blocks.0.attn.to_q"]
-    assert spec["kind"] == "linear" and spec["group_size"] == 32 and spec["rank"] == 16
+    assert spec["kind"] == "linear" and spec["scheme"] == "w4a4" and spec["group_size"] == 32 and spec["rank"] == 16
+    spec = header["layers"]["transformer_blocks.0.norm1.linear"]
+    assert spec["kind"] == "linear" and spec["scheme"] == "w4a16" and spec["rank"] == 0
     assert all(len(t["sha256"]) == 64 for t in header["tensors"].values())
     assert "transformer_blocks.0.attn.to_q.qweight" in header["tensors"]
     assert "x_embedder.weight" in header["tensors"]  # the 16-bit rest of the model travels along
@@ -112,7 +114,7 @@ def copy_checkpoint(src, dst):
         (lambda d: (d / TENSORS).write_bytes((d / TENSORS).read_bytes()[:-1000]), "truncated or corrupted"),
         (lambda d: (d / TENSORS).unlink(), "missing, truncated or corrupted"),
         (lambda d: (d / HEADER).write_text((d / HEADER).read_text()[:-50]), "unreadable or corrupted"),
-        (lambda d: (d / HEADER).write_text((d / HEADER).read_text().replace('"version": 1', '"version": 99')),
+        (lambda d: (d / HEADER).write_text((d / HEADER).read_text().replace('"version": 2', '"version": 99')),
          "format version 99 is not supported"),
         (lambda d: (d / HEADER).unlink(), "not a diffboost W4A4 checkpoint"),
     ],
@@ -180,3 +182,34 @@ def test_pipeline_round_trip(tmp_path):
     # Loading twice is refused: the layers are already W4A4.
     with pytest.raises(ValueError, match="already quantized"):
         diffboost.quant.load_quantized(fresh, tmp_path)
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """Version 1 headers had no per-layer scheme (every layer was W4A4)."""
+    model = build_denoiser("tiny-flux")
+    config = W4A4Config(group_size=32, rank=16, weight_only=())
+    diffboost.quant.quantize(model, config, calibration="data-free")
+    diffboost.quant.save_quantized(model, tmp_path)
+    header = json.loads((tmp_path / HEADER).read_text())
+    header["version"] = 1
+    del header["config"]["weight_only"]
+    for spec in header["layers"].values():
+        assert spec.pop("scheme") == "w4a4"
+    (tmp_path / HEADER).write_text(json.dumps(header))
+    probe = example_denoiser_inputs(model, seed=3)
+    loaded = fresh_flux()
+    diffboost.quant.load_quantized(loaded, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**probe).sample, model(**probe).sample)
+
+
+def test_unknown_layer_scheme_raises_and_changes_nothing(saved_flux, tmp_path):
+    directory = copy_checkpoint(saved_flux[0], tmp_path / "ckpt")
+    header = json.loads((directory / HEADER).read_text())
+    header["layers"]["transformer_blocks.0.norm1.linear"]["scheme"] = "w4a8"
+    (directory / HEADER).write_text(json.dumps(header))
+    model = fresh_flux()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="norm1.linear.*malformed entry"):
+        diffboost.quant.load_quantized(model, directory)
+    assert_unchanged(model, before)

@@ -15,7 +15,7 @@ from torch import nn
 
 import diffboost
 from diffboost.models import build_denoiser, example_inputs
-from diffboost.quant import DEFAULT_SKIP, W4A4Config, W4A4Conv2d, W4A4Linear
+from diffboost.quant import DEFAULT_SKIP, Int4Linear, W4A4Config, W4A4Conv2d, W4A4Linear, W4A16Linear
 from diffboost.quant.linear import is_pointwise_conv
 
 # The tiny presets' widths (32/48/80/96) are not all multiples of 64: group 32 keeps padding to a minimum. A
@@ -53,16 +53,21 @@ def test_pipelines_quantize_and_run(preset):
     reference = generate(pipe)
     before = float_layers(denoiser)
     params_total = sum(p.numel() for p in denoiser.parameters())
-    expected = {n for n in before if CONFIG.selects(n)}
+    schemes = {n: CONFIG.scheme(n) for n in before if CONFIG.scheme(n)}
+    expected = set(schemes)
 
     reports = diffboost.quant.quantize(pipe, CONFIG, calibration=calibration(pipe), progress=False)
     report = reports[denoiser_name]
     images = generate(pipe)
 
     after = dict(denoiser.named_modules())
-    assert {n for n, m in after.items() if isinstance(m, W4A4Linear)} == expected == set(report.layers)
+    assert {n for n, m in after.items() if isinstance(m, Int4Linear)} == expected == set(report.layers)
     assert all(type(after[n]) is type(before[n]) for n in before if n not in expected)  # skipped: untouched
     assert all(isinstance(after[n], W4A4Conv2d) == isinstance(before[n], nn.Conv2d) for n in expected)
+    assert all(isinstance(after[n], W4A16Linear) == (scheme == "w4a16") == (report.layers[n].scheme == "w4a16")
+               for n, scheme in schemes.items())
+    if preset != "tiny-pixart":  # PixArt modulates with a parameter table, not with linear layers
+        assert "w4a16" in schemes.values()
     quantized_params = sum(p.numel() for n in expected for p in before[n].parameters())
     assert report.params_quantized == quantized_params and report.params_total == params_total
     assert report.fraction_quantized == pytest.approx(quantized_params / params_total)
@@ -74,23 +79,32 @@ def test_pipelines_quantize_and_run(preset):
     assert quality > 20.0
 
 
-def test_default_skips_are_kept_in_16_bit():
-    """The sensitive layers QuEST / SVDQuant keep: embeddings, adaLN modulation, first and last layers."""
+def test_default_skips_and_weight_only_layers():
+    """The sensitive layers QuEST / SVDQuant keep in 16-bit (embeddings, first and last layers) and the modulation
+    projections that get 4-bit weights with 16-bit activations."""
     flux = build_denoiser("tiny-flux")
     diffboost.quant.quantize(flux, CONFIG, calibration="data-free")
     for name in ("x_embedder", "context_embedder", "proj_out", "norm_out.linear",
-                 "time_text_embed.timestep_embedder.linear_1", "transformer_blocks.0.norm1.linear",
-                 "single_transformer_blocks.0.norm.linear"):
+                 "time_text_embed.timestep_embedder.linear_1"):
         assert type(flux.get_submodule(name)) is nn.Linear, name
+    for name in ("transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",
+                 "single_transformer_blocks.0.norm.linear"):
+        assert type(flux.get_submodule(name)) is W4A16Linear, name
     for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
                  "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp"):
-        assert isinstance(flux.get_submodule(name), W4A4Linear), name
+        assert type(flux.get_submodule(name)) is W4A4Linear, name
 
     unet = build_denoiser("tiny-sd")
     report = diffboost.quant.quantize(unet, CONFIG, calibration="data-free")[""]
-    for name in ("time_embedding.linear_1", "down_blocks.0.resnets.0.time_emb_proj"):
-        assert type(unet.get_submodule(name)) is nn.Linear and "skip pattern" in report.skipped[name]
+    assert type(unet.get_submodule("time_embedding.linear_1")) is nn.Linear
+    assert "skip pattern" in report.skipped["time_embedding.linear_1"]
+    assert type(unet.get_submodule("down_blocks.0.resnets.0.time_emb_proj")) is W4A16Linear
+    assert report.layers["down_blocks.0.resnets.0.time_emb_proj"].scheme == "w4a16"
     assert isinstance(unet.get_submodule("down_blocks.0.attentions.0.proj_in"), W4A4Conv2d)  # inside a block
+
+    unet = build_denoiser("tiny-sd")  # weight_only=(): every quantized layer is W4A4
+    diffboost.quant.quantize(unet, W4A4Config(group_size=32, rank=16, weight_only=()), calibration="data-free")
+    assert type(unet.get_submodule("down_blocks.0.resnets.0.time_emb_proj")) is W4A4Linear
 
 
 def test_include_and_skip_patterns_choose_the_layers():
@@ -239,7 +253,7 @@ def test_patch_quant_composes_and_unpatch_restores_kept_originals(tiny_sd):
     assert psnr(generate(pipe), reference) > 15.0
     diffboost.unpatch(pipe)
     assert not diffboost.is_patched(pipe)
-    assert not any(isinstance(m, W4A4Linear) for m in pipe.unet.modules())
+    assert not any(isinstance(m, Int4Linear) for m in pipe.unet.modules())
     assert torch.equal(generate(pipe), reference)
 
 
@@ -285,7 +299,7 @@ def test_patch_quant_argument_errors(tiny_sd):
     with pytest.raises(TypeError, match="calibration must be None"):
         diffboost.patch(tiny_sd, quant=CONFIG, calibration=42)
     assert not diffboost.is_patched(tiny_sd)
-    assert not any(isinstance(m, W4A4Linear) for m in tiny_sd.unet.modules())
+    assert not any(isinstance(m, Int4Linear) for m in tiny_sd.unet.modules())
 
 
 def test_a_failure_midway_leaves_the_model_unchanged(monkeypatch):
@@ -296,16 +310,16 @@ def test_a_failure_midway_leaves_the_model_unchanged(monkeypatch):
     original = quant_model._quantize_layer
     calls = []
 
-    def fail_on_the_fifth(module, stats, config):
+    def fail_on_the_fifth(module, stats, config, scheme):
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("out of memory (simulated)")
-        return original(module, stats, config)
+        return original(module, stats, config, scheme)
 
     monkeypatch.setattr(quant_model, "_quantize_layer", fail_on_the_fifth)
     with pytest.raises(RuntimeError, match="simulated"):
         diffboost.quant.quantize(model, CONFIG, calibration="data-free")
-    assert not any(isinstance(m, W4A4Linear) for m in model.modules()) and not diffboost.is_patched(model)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules()) and not diffboost.is_patched(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
@@ -370,6 +384,8 @@ def test_gpu_bf16_pipeline_quantizes_and_runs():
     diffboost.patch(pipe, quant=W4A4Config(group_size=32, rank=16), calibration=calibration(pipe))
     layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
     assert isinstance(layer, W4A4Linear) and layer.qweight.is_cuda and layer.wscales.dtype == torch.bfloat16
+    modulation = pipe.transformer.get_submodule("transformer_blocks.0.norm1.linear")
+    assert isinstance(modulation, W4A16Linear) and modulation.qweight.is_cuda
     assert psnr(generate(pipe), reference) > 20.0
 
 

@@ -15,6 +15,7 @@ from diffboost.ops.registry import (
     registered_ops,
 )
 from diffboost.ops.w4a4 import w4a4_gemm, w4a4_linear, w4a4_quantize_act
+from diffboost.ops.w4a16 import w4a16_linear
 
 __all__ = [
     "Backend",
@@ -27,6 +28,7 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "registered_ops",
+    "w4a16_linear",
     "w4a4_gemm",
     "w4a4_linear",
     "w4a4_quantize_act",

@@ -1,4 +1,5 @@
-"""W4A4 quantization: the format, :class:`W4A4Linear`, and whole-model quantization with calibration.
+"""W4A4 quantization: the format, :class:`W4A4Linear` (and the weight-only :class:`W4A16Linear`), and whole-model
+quantization with calibration.
 
     import diffboost
     diffboost.patch(pipe, quant="w4a4")                    # calibrate on generated inputs, quantize the denoiser
@@ -14,21 +15,24 @@ The kernels and the exact layout are in :mod:`diffboost.ops.w4a4`; the per-layer
 """
 
 from diffboost.quant.checkpoint import load_quantized, save_quantized
-from diffboost.quant.config import DEFAULT_SKIP, W4A4Config
+from diffboost.quant.config import DEFAULT_SKIP, DEFAULT_WEIGHT_ONLY, W4A4Config
 from diffboost.quant.format import (
     W4A4Weights,
     dequantize_weight,
     quantize_linear_weight,
     smooth_factors,
 )
-from diffboost.quant.linear import W4A4Conv2d, W4A4Linear
+from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear
 from diffboost.quant.model import LayerReport, QuantReport, module_bytes, quantize, report, restore
 
 __all__ = [
     "DEFAULT_SKIP",
+    "DEFAULT_WEIGHT_ONLY",
+    "Int4Linear",
     "LayerReport",
     "QuantReport",
     "W4A4Config",
+    "W4A16Linear",
     "W4A4Conv2d",
     "W4A4Linear",
     "W4A4Weights",

@@ -7,7 +7,11 @@ quantized component of a pipeline):
                                 (:mod:`diffboost.ops.w4a4` layout) and the 16-bit tensors of everything else, so a
                                 randomly initialised (or meta-device) skeleton becomes the quantized model.
 ``diffboost_w4a4.json``         ``format``, ``version``, the model class, the :class:`W4A4Config`, per quantized
-                                layer its kind and sizes, and per tensor its dtype, shape and SHA-256.
+                                layer its kind, scheme (W4A4 or weight-only W4A16) and sizes, and per tensor its
+                                dtype, shape and SHA-256.
+
+Version 2 added the per-layer ``scheme``; version 1 files (every layer W4A4) still load. A version 1 reader refuses
+version 2 files instead of running a weight-only layer as W4A4.
 
 :func:`load_quantized` checks everything (format and version, model class, that every layer exists with the saved
 shapes, every tensor's presence, shape, dtype and checksum) before it changes the model: a checkpoint of another
@@ -26,13 +30,15 @@ from torch import nn
 
 from diffboost.patching import DENOISER_NAMES, _push
 from diffboost.quant.config import W4A4Config
-from diffboost.quant.linear import W4A4Conv2d, W4A4Linear, is_pointwise_conv
+from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear, is_pointwise_conv
 from diffboost.quant.model import FEATURE, MODEL_ATTR, LayerReport, QuantReport, _quant_entry, _QuantState, module_bytes
 
 __all__ = ["FORMAT", "VERSION", "load_quantized", "save_quantized"]
 
 FORMAT = "diffboost-w4a4"
-VERSION = 1
+VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_LAYER_CLASSES = {("linear", "w4a4"): W4A4Linear, ("conv1x1", "w4a4"): W4A4Conv2d, ("linear", "w4a16"): W4A16Linear}
 HEADER = "diffboost_w4a4.json"
 TENSORS = "diffboost_w4a4.safetensors"
 _BUFFERS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias")
@@ -69,9 +75,10 @@ def _quantized_components(target: Any) -> dict[str, nn.Module]:
     return found
 
 
-def _layer_spec(layer: W4A4Linear, report: Optional[LayerReport]) -> dict[str, Any]:
+def _layer_spec(layer: Int4Linear, report: Optional[LayerReport]) -> dict[str, Any]:
     return {
         "kind": "conv1x1" if isinstance(layer, W4A4Conv2d) else "linear",
+        "scheme": layer.SCHEME,
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "group_size": layer.group_size,
@@ -94,7 +101,7 @@ def save_quantized(target: Any, directory: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
         report: QuantReport = getattr(model, MODEL_ATTR)
         layers = {name: _layer_spec(module, report.layers.get(name)) for name, module in model.named_modules()
-                  if isinstance(module, W4A4Linear)}
+                  if isinstance(module, Int4Linear)}
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         header = {
             "format": FORMAT,
@@ -126,8 +133,9 @@ def _read_header(path: str) -> dict[str, Any]:
         _fail(path, f"{HEADER} is unreadable or corrupted ({error})")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         _fail(path, f"{HEADER} is not a {FORMAT} header")
-    if header.get("version") != VERSION:
-        _fail(path, f"format version {header.get('version')!r} is not supported (this diffboost reads {VERSION}); "
+    if header.get("version") not in _READABLE_VERSIONS:
+        readable = ", ".join(map(str, _READABLE_VERSIONS))
+        _fail(path, f"format version {header.get('version')!r} is not supported (this diffboost reads {readable}); "
                     "upgrade diffboost or re-quantize")
     for key in ("model_class", "config", "layers", "tensors"):
         if key not in header:
@@ -135,13 +143,13 @@ def _read_header(path: str) -> dict[str, Any]:
     return header
 
 
-def _empty_layer(spec: dict[str, Any]) -> W4A4Linear:
-    cls = {"linear": W4A4Linear, "conv1x1": W4A4Conv2d}[spec["kind"]]
+def _empty_layer(spec: dict[str, Any]) -> Int4Linear:
+    cls = _LAYER_CLASSES[spec["kind"], spec.get("scheme", "w4a4")]  # version 1 files have W4A4 layers only
     return cls(spec["in_features"], spec["out_features"], group_size=spec["group_size"], rank=spec["rank"],
                bias=spec["bias"], smooth=spec["smooth"], dtype=getattr(torch, spec["dtype"]), device="meta")
 
 
-def _check_layers(path: str, model: nn.Module, header: dict[str, Any]) -> dict[str, W4A4Linear]:
+def _check_layers(path: str, model: nn.Module, header: dict[str, Any]) -> dict[str, Int4Linear]:
     """Every saved layer exists in ``model`` as a float layer of the same shape; returns name -> empty W4A4 layer."""
     modules = dict(model.named_modules())
     empty = {}
@@ -155,8 +163,8 @@ def _check_layers(path: str, model: nn.Module, header: dict[str, Any]) -> dict[s
         if module is None:
             _fail(path, f"layer {name!r} does not exist in this {type(model).__name__} (a checkpoint of another "
                         "model?)")
-        if isinstance(module, W4A4Linear):
-            _fail(path, f"layer {name!r} is already W4A4-quantized; load onto an unquantized model")
+        if isinstance(module, Int4Linear):
+            _fail(path, f"layer {name!r} is already quantized; load onto an unquantized model")
         if kind == "linear":
             ok = type(module) is nn.Linear
             shape = (module.in_features, module.out_features) if ok else None
@@ -169,7 +177,7 @@ def _check_layers(path: str, model: nn.Module, header: dict[str, Any]) -> dict[s
     return empty
 
 
-def _expected_shapes(model: nn.Module, empty: dict[str, W4A4Linear]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: nn.Module, empty: dict[str, Int4Linear]) -> dict[str, tuple[int, ...]]:
     """State-dict key -> shape of ``model`` once the layers in ``empty`` are swapped in."""
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     for name, layer in empty.items():
@@ -264,10 +272,15 @@ def load_quantized(
             undo.append((model.get_submodule(parent_name), attribute, None))
             params_quantized += sum(p.numel() for p in original.parameters())
             layers[name] = LayerReport(spec["kind"], spec["in_features"], spec["out_features"], spec["rank"],
-                                       spec.get("alpha"), None)
+                                       spec.get("alpha"), None, layer.SCHEME)
         meta = any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
         if device is not None:
             tensors = {key: t.to(device) for key, t in tensors.items()}
+        if meta:
+            # Assigned tensors become the parameters: give them their own allocations. safetensors' tensors are
+            # views into the file's buffer at 8-byte alignment, on which CPU BLAS takes other code paths (results
+            # differed in the last bit from the same model built normally).
+            tensors = {key: t.clone() for key, t in tensors.items()}
         model.load_state_dict(tensors, strict=False, assign=meta)
         swaps[component] = undo
         reports[component] = QuantReport(config, layers, {}, params_total, params_quantized, bytes_before,

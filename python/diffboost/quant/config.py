@@ -1,4 +1,4 @@
-"""``W4A4Config``: which layers of a denoiser become W4A4 and how they are calibrated."""
+"""``W4A4Config``: which layers of a denoiser become W4A4 (or weight-only W4A16) and how they are calibrated."""
 
 from __future__ import annotations
 
@@ -11,30 +11,37 @@ import torch
 from diffboost.ops.w4a4 import GROUP_SIZES
 from diffboost.quant.format import STORAGE_DTYPES
 
-__all__ = ["DEFAULT_SKIP", "W4A4Config"]
+__all__ = ["DEFAULT_SKIP", "DEFAULT_WEIGHT_ONLY", "W4A4Config"]
 
 #: Layers kept in 16-bit by default: glob patterns (:mod:`fnmatch`) on a layer's qualified name inside its
 #: denoiser (``down_blocks.1.attentions.0.proj_in``). These are the layers QuEST and SVDQuant single out as
-#: sensitive: the first and last layers, the timestep / text / guidance embeddings, and the adaLN / modulation
-#: projections (a small error there shifts every token of a block), plus ControlNet's zero convolutions. They hold a
-#: few percent of the weights.
+#: sensitive: the first and last layers and the timestep / text / guidance embeddings, plus ControlNet's zero
+#: convolutions. They hold a few percent of the weights. (The adaLN / modulation projections inside the blocks are
+#: sensitive too, but hold a quarter of FLUX's weights: they get 4-bit weights only, see DEFAULT_WEIGHT_ONLY.)
 DEFAULT_SKIP: tuple[str, ...] = (
     # first and last layers (top level only: the proj_in / proj_out inside blocks are ordinary GEMMs)
     "conv_in", "conv_out", "proj_in", "proj_out", "x_embedder", "context_embedder", "pos_embed.*", "norm_out.*",
     # timestep, text, guidance and class embeddings
     "time_embedding.*", "time_text_embed.*", "add_embedding.*", "adaln_single.*", "caption_projection.*",
     "encoder_hid_proj*", "class_embedding.*", "time_embed.*",
-    # adaLN modulation inside blocks (AdaLayerNorm*.linear) and the ResNets' timestep projections
-    "*norm*.linear", "*.time_emb_proj",
     # ControlNet: conditioning embedding and zero convolutions
     "controlnet_cond_embedding.*", "controlnet_down_blocks.*", "controlnet_mid_block",
 )
+
+#: Layers quantized to 4-bit weights with 16-bit activations (W4A16, :class:`~diffboost.quant.W4A16Linear`) by
+#: default: the adaLN modulation projections inside blocks (``AdaLayerNorm*.linear``) and the ResNets' timestep
+#: projections. Their outputs scale and shift every token of a block, so their inputs are not quantized (QuEST and
+#: SVDQuant single them out); they run on one row per sample, so reading 4-bit weights is all they cost, and they
+#: hold 27% of FLUX.1's parameters (3.2 of 11.9 B): in 16-bit they would cap its weight reduction near 2x. SVDQuant's
+#: FLUX models quantize them the same way.
+DEFAULT_WEIGHT_ONLY: tuple[str, ...] = ("*norm*.linear", "*.time_emb_proj")
 
 #: The denoiser components of a pipeline that are quantized unless ``components`` says otherwise.
 DEFAULT_COMPONENTS = ("unet", "transformer")
 _ALL_COMPONENTS = ("unet", "transformer", "controlnet")
 #: SmoothQuant migration strengths tried per layer when ``smooth_alpha`` is None (plus no smoothing at all).
 DEFAULT_ALPHA_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+_SEQUENCE_FIELDS = ("alpha_grid", "skip", "include", "weight_only", "components")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +50,9 @@ class W4A4Config:
 
     Every ``nn.Linear`` and 1x1 ``nn.Conv2d`` of the chosen components whose name matches ``include`` (all, when
     None) and no pattern of ``skip`` becomes a :class:`~diffboost.quant.W4A4Linear` (the convolution as a GEMM over
-    pixels). Per layer: smoothing factors from the calibration activations, the rank-``rank`` SVD branch of the
-    smoothed weight, INT4 groups of ``group_size`` for the residual.
+    pixels), or a weight-only :class:`~diffboost.quant.W4A16Linear` when it matches ``weight_only`` (linear layers
+    only). Per layer: smoothing factors from the calibration activations, the rank-``rank`` SVD branch of the
+    smoothed weight (W4A4 only), INT4 groups of ``group_size`` for the residual.
 
     Args:
         rank: rank of the 16-bit low-rank branch (multiple of 16, 0 for none); clamped per layer to the largest
@@ -56,6 +64,8 @@ class W4A4Config:
         smooth: False quantizes without smoothing (then no calibration data is needed).
         skip: glob patterns of layer names kept in 16-bit (:data:`DEFAULT_SKIP`); they win over ``include``.
         include: glob patterns of the layers to quantize; None means every eligible layer.
+        weight_only: glob patterns of the quantized layers that get 4-bit weights but keep 16-bit activations
+            (:data:`DEFAULT_WEIGHT_ONLY`: the modulation projections); ``()`` makes every quantized layer W4A4.
         components: pipeline components to quantize (``"unet"``, ``"transformer"``, ``"controlnet"``); ignored when
             a bare model is quantized.
         keep_original: keep the float layers so that ``diffboost.unpatch`` can restore them (costs their memory).
@@ -72,6 +82,7 @@ class W4A4Config:
     smooth: bool = True
     skip: tuple[str, ...] = DEFAULT_SKIP
     include: Optional[tuple[str, ...]] = None
+    weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     keep_original: bool = False
     dtype: Optional[torch.dtype] = None
@@ -80,7 +91,7 @@ class W4A4Config:
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples, so configs compare and hash by value.
-        for name in ("alpha_grid", "skip", "include", "components"):
+        for name in _SEQUENCE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(f"W4A4Config: {name} must be a sequence of strings/values, not one string")
@@ -103,17 +114,21 @@ class W4A4Config:
         if not isinstance(self.calibration_tokens, int) or self.calibration_tokens < 1:
             raise ValueError(f"W4A4Config: calibration_tokens={self.calibration_tokens!r} must be a positive int")
 
-    def selects(self, name: str) -> bool:
-        """Whether the layer called ``name`` (qualified, inside its denoiser) is quantized by name."""
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.skip):
-            return False
-        return self.include is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include)
+    def scheme(self, name: str) -> Optional[str]:
+        """How the layer called ``name`` (qualified, inside its denoiser) is quantized by name: ``"w4a4"``,
+        ``"w4a16"`` (weight-only) or None (kept in 16-bit)."""
+        def matches(patterns):
+            return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+        if matches(self.skip) or (self.include is not None and not matches(self.include)):
+            return None
+        return "w4a16" if matches(self.weight_only) else "w4a4"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict (for checkpoints); :meth:`from_json` inverts it."""
         out = dataclasses.asdict(self)
         out["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
-        for name in ("alpha_grid", "skip", "include", "components"):
+        for name in _SEQUENCE_FIELDS:
             if out[name] is not None:
                 out[name] = list(out[name])
         return out

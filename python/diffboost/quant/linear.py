@@ -1,4 +1,5 @@
-"""``W4A4Linear``: a drop-in ``nn.Linear`` replacement with 4-bit weights and 4-bit activations."""
+"""Drop-in ``nn.Linear`` replacements with packed INT4 weights: ``W4A4Linear`` (4-bit activations too) and
+``W4A16Linear`` (weight-only), sharing one weight layout (:mod:`diffboost.ops.w4a4`)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,26 @@ import torch
 from torch import nn
 
 from diffboost.ops.w4a4 import GROUP_SIZES, w4a4_linear
+from diffboost.ops.w4a16 import w4a16_linear
 from diffboost.quant.format import STORAGE_DTYPES, W4A4Weights, dequantize_weight, quantize_linear_weight
 
-__all__ = ["W4A4Conv2d", "W4A4Linear"]
+__all__ = ["Int4Linear", "W4A16Linear", "W4A4Conv2d", "W4A4Linear"]
 
 
-class W4A4Linear(nn.Module):
-    """``y = x W^T + b`` with W in the W4A4 layout and x quantized to INT4 on the fly (SVDQuant's scheme).
+class Int4Linear(nn.Module):
+    """Base of the layers holding a weight in the packed INT4 layout (:class:`W4A4Linear`, :class:`W4A16Linear`).
 
-    Build one with :meth:`from_linear`. The forward pass runs :func:`diffboost.ops.w4a4.w4a4_linear`, dispatched per
-    device (CUDA / CPU ``_C`` kernels, Triton, or the PyTorch reference); ``backend`` forces one. Inputs may be
-    fp16, bf16 or fp32 of any leading shape; the output has x's dtype. The tensors are buffers (``state_dict``
-    saves them, ``.to(device)`` moves them); absent parts (no smoothing, ``rank=0``, no bias) are ``None``.
-    An ``in_features`` that is not a multiple of ``group_size`` is zero-padded (the buffers have the padded size
-    and the input is padded on each call, a copy: real diffusion layers are multiples of 64 and never pay it).
+    The tensors are buffers (``state_dict`` saves them, ``.to(device)`` moves them); absent parts (no smoothing,
+    ``rank=0``, no bias) are ``None``. An ``in_features`` that is not a multiple of ``group_size`` is zero-padded
+    (the buffers have the padded size and the input is padded on each call, a copy: real diffusion layers are
+    multiples of 64 and never pay it). Subclasses define ``forward`` and ``SCHEME``.
 
     Attributes:
         in_features, out_features, group_size, rank: the layer's sizes.
-        backend: ``"auto"`` or a backend name of the W4A4 ops.
+        backend: ``"auto"`` or a backend name of the layer's ops.
     """
+
+    SCHEME = ""
 
     def __init__(
         self,
@@ -34,7 +36,7 @@ class W4A4Linear(nn.Module):
         out_features: int,
         *,
         group_size: int = 64,
-        rank: int = 32,
+        rank: int = 0,
         bias: bool = True,
         smooth: bool = False,
         dtype: torch.dtype = torch.bfloat16,
@@ -42,15 +44,16 @@ class W4A4Linear(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if group_size not in GROUP_SIZES:
             supported = ", ".join(map(str, GROUP_SIZES))
-            raise ValueError(f"W4A4Linear: group_size={group_size!r} not supported ({supported})")
+            raise ValueError(f"{name}: group_size={group_size!r} not supported ({supported})")
         if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"W4A4Linear: in_features={in_features} and out_features={out_features} must be positive")
+            raise ValueError(f"{name}: in_features={in_features} and out_features={out_features} must be positive")
         if rank < 0 or rank % 16:
-            raise ValueError(f"W4A4Linear: rank={rank} must be 0 or a multiple of 16")
+            raise ValueError(f"{name}: rank={rank} must be 0 or a multiple of 16")
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"W4A4Linear: dtype {dtype} not supported (float16, bfloat16)")
+            raise ValueError(f"{name}: dtype {dtype} not supported (float16, bfloat16)")
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.rank = group_size, rank
         self.backend = backend
@@ -63,33 +66,6 @@ class W4A4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        group_size: int = 64,
-        rank: int = 32,
-        smooth: Optional[torch.Tensor] = None,
-        *,
-        dtype: Optional[torch.dtype] = None,
-        backend: str = "auto",
-    ) -> "W4A4Linear":
-        """Quantize ``linear`` (see :func:`diffboost.quant.format.quantize_linear_weight` for the recipe).
-
-        Args:
-            linear: the layer; it is not modified.
-            group_size: 32, 64 or 128 input channels per scale (``in_features`` is zero-padded to a multiple).
-            rank: rank of the 16-bit low-rank branch (multiple of 16; 0 for none).
-            smooth: ``[in_features]`` smoothing factors (e.g. :func:`diffboost.quant.smooth_factors` of calibration
-                activations), or None.
-            dtype: storage dtype of scales, smoothing, low-rank factors and bias; default: the layer's dtype if it
-                is 16-bit, else bf16.
-            backend: see the class docstring.
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"W4A4Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        return cls._from_weight(linear.weight, linear.bias, group_size, rank, smooth, dtype, backend)
-
-    @classmethod
     def _from_weight(cls, weight, bias, group_size, rank, smooth, dtype, backend):
         """Quantize a ``[N, K]`` weight (and bias) into a new module of this class on the weight's device."""
         if dtype is None:
@@ -98,7 +74,7 @@ class W4A4Linear(nn.Module):
         return cls.from_weights(weights, weight.shape[1], backend=backend)
 
     @classmethod
-    def from_weights(cls, weights: W4A4Weights, in_features: int, *, backend: str = "auto") -> "W4A4Linear":
+    def from_weights(cls, weights: W4A4Weights, in_features: int, *, backend: str = "auto") -> "Int4Linear":
         """A module holding ``weights`` (a layer of ``in_features`` inputs, before padding to the group size)."""
         if weights.qweight.shape[1] * 2 != in_features + (-in_features % weights.group_size):
             raise ValueError(f"{cls.__name__}.from_weights: packed K={weights.qweight.shape[1] * 2} does not fit "
@@ -116,11 +92,12 @@ class W4A4Linear(nn.Module):
         for name in ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias"):
             mine, theirs = getattr(self, name), getattr(weights, name)
             if (mine is None) != (theirs is None):
-                raise ValueError(f"W4A4Linear.load_weights: {name} is {'absent' if theirs is None else 'present'} "
-                                 "in the weights but not in this layer")
+                where = "absent from" if theirs is None else "present in"
+                raise ValueError(f"{type(self).__name__}.load_weights: {name} is {where} the weights but not in this "
+                                 "layer")
             if mine is not None:
                 if mine.shape != theirs.shape:
-                    raise ValueError(f"W4A4Linear.load_weights: {name} has shape {list(theirs.shape)}, "
+                    raise ValueError(f"{type(self).__name__}.load_weights: {name} has shape {list(theirs.shape)}, "
                                      f"expected {list(mine.shape)}")
                 mine.copy_(theirs)
 
@@ -134,15 +111,13 @@ class W4A4Linear(nn.Module):
         """``in_features`` rounded up to a multiple of ``group_size``: the K of the packed tensors."""
         return self.qweight.shape[1] * 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"W4A4Linear: input has {x.shape[-1]} features, expected in_features={self.in_features}")
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected "
+                             f"in_features={self.in_features}")
         if self.padded_in_features != self.in_features:
             x = torch.nn.functional.pad(x, (0, self.padded_in_features - self.in_features))
-        return w4a4_linear(
-            x, self.qweight, self.wscales, smooth=self.smooth, lora_down=self.lora_down, lora_up=self.lora_up,
-            bias=self.bias, backend=self.backend,
-        )
+        return x
 
     def memory(self) -> dict[str, int]:
         """Bytes held: ``qweight`` (packed INT4), ``scales`` (group scales and smoothing), ``low_rank``, ``bias``,
@@ -182,6 +157,89 @@ class W4A4Linear(nn.Module):
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+class W4A4Linear(Int4Linear):
+    """``y = x W^T + b`` with W in the W4A4 layout and x quantized to INT4 on the fly (SVDQuant's scheme).
+
+    Build one with :meth:`from_linear`. The forward pass runs :func:`diffboost.ops.w4a4.w4a4_linear`, dispatched per
+    device (CUDA / CPU ``_C`` kernels, Triton, or the PyTorch reference); ``backend`` forces one. Inputs may be
+    fp16, bf16 or fp32 of any leading shape; the output has x's dtype. Buffers and padding: :class:`Int4Linear`.
+    """
+
+    SCHEME = "w4a4"
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int = 32, **kwargs) -> None:
+        super().__init__(in_features, out_features, rank=rank, **kwargs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 64,
+        rank: int = 32,
+        smooth: Optional[torch.Tensor] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+    ) -> "W4A4Linear":
+        """Quantize ``linear`` (see :func:`diffboost.quant.format.quantize_linear_weight` for the recipe).
+
+        Args:
+            linear: the layer; it is not modified.
+            group_size: 32, 64 or 128 input channels per scale (``in_features`` is zero-padded to a multiple).
+            rank: rank of the 16-bit low-rank branch (multiple of 16; 0 for none).
+            smooth: ``[in_features]`` smoothing factors (e.g. :func:`diffboost.quant.smooth_factors` of calibration
+                activations), or None.
+            dtype: storage dtype of scales, smoothing, low-rank factors and bias; default: the layer's dtype if it
+                is 16-bit, else bf16.
+            backend: see the class docstring.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"W4A4Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        return cls._from_weight(linear.weight, linear.bias, group_size, rank, smooth, dtype, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a4_linear(
+            self._padded(x), self.qweight, self.wscales, smooth=self.smooth, lora_down=self.lora_down,
+            lora_up=self.lora_up, bias=self.bias, backend=self.backend,
+        )
+
+
+class W4A16Linear(Int4Linear):
+    """``y = x W^T + b`` with W in packed INT4 (the W4A4 weight layout, no low-rank branch) and x left in 16-bit.
+
+    For the adaLN / timestep modulation projections (see :mod:`diffboost.ops.w4a16`): one row per sample, so the
+    layer is bound by reading its weight, which INT4 makes ~3.5x smaller, and its input stays exact. ``rank`` must
+    be 0 (it exists for a uniform constructor). The forward pass runs :func:`diffboost.ops.w4a16.w4a16_linear`.
+    """
+
+    SCHEME = "w4a16"
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int = 0, **kwargs) -> None:
+        if rank:
+            raise ValueError(f"W4A16Linear: rank={rank}: a weight-only layer has no low-rank branch (rank must be 0)")
+        super().__init__(in_features, out_features, rank=0, **kwargs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 64,
+        smooth: Optional[torch.Tensor] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+    ) -> "W4A16Linear":
+        """Quantize ``linear``'s weight to INT4 (round to nearest per row and group, after ``smooth`` if given;
+        arguments as :meth:`W4A4Linear.from_linear`)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"W4A16Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        return cls._from_weight(linear.weight, linear.bias, group_size, 0, smooth, dtype, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a16_linear(self._padded(x), self.qweight, self.wscales, smooth=self.smooth, bias=self.bias,
+                            backend=self.backend)
 
 
 class W4A4Conv2d(W4A4Linear):

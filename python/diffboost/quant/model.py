@@ -10,6 +10,10 @@ Per layer, SVDQuant's recipe with a SmoothQuant-style search (pure PyTorch, on t
 3. The winner replaces the layer. The SVD is exact for layers up to 512 wide and randomized above (as good, and
    what keeps a FLUX-size model at minutes).
 
+Layers the config marks weight-only (the modulation projections by default) get the same search without the
+low-rank branch, their error measured with 16-bit activations (:mod:`diffboost.ops.w4a16`), and become
+:class:`~diffboost.quant.W4A16Linear`.
+
 The float layers are dropped unless ``keep_original`` (memory is the point); ``restore`` / ``diffboost.unpatch``
 then cannot bring them back and say how to reload.
 """
@@ -27,11 +31,12 @@ import torch
 from torch import nn
 
 from diffboost.ops.w4a4 import w4a4_gemm_reference, w4a4_quantize_act_reference
+from diffboost.ops.w4a16 import w4a16_linear_reference
 from diffboost.patching import DENOISER_NAMES, _push, _state, denoisers
 from diffboost.quant.calibrate import ActivationStats, Calibration, run_calibration
 from diffboost.quant.config import W4A4Config
 from diffboost.quant.format import STORAGE_DTYPES, W4A4Weights, quantize_linear_weight, smooth_factors
-from diffboost.quant.linear import W4A4Conv2d, W4A4Linear, is_pointwise_conv
+from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear, is_pointwise_conv
 
 logger = logging.getLogger("diffboost")
 
@@ -54,6 +59,7 @@ class LayerReport:
     rank: int
     alpha: Optional[float]  # None: no smoothing
     error: Optional[float]  # ||y_q - y||^2 / ||y||^2 on the sampled rows; None without calibration data
+    scheme: str = "w4a4"  # or "w4a16" (weight-only)
 
 
 @dataclasses.dataclass
@@ -61,7 +67,7 @@ class QuantReport:
     """What :func:`quantize` did to one denoiser (``str(report)`` is a summary).
 
     Attributes:
-        layers: name -> :class:`LayerReport` of every quantized layer.
+        layers: name -> :class:`LayerReport` of every quantized layer (W4A4 or weight-only W4A16).
         skipped: name -> why, for each linear / 1x1 conv layer kept in 16-bit.
         params_total, params_quantized: parameter counts of the denoiser before quantization, and of the layers
             that were replaced.
@@ -80,12 +86,14 @@ class QuantReport:
 
     @property
     def fraction_quantized(self) -> float:
-        """Fraction of the denoiser's parameters now stored in W4A4."""
+        """Fraction of the denoiser's parameters now stored in 4-bit (W4A4 or weight-only)."""
         return self.params_quantized / max(1, self.params_total)
 
     def __str__(self) -> str:
+        weight_only = sum(layer.scheme == "w4a16" for layer in self.layers.values())
         return (
-            f"W4A4: {len(self.layers)} layers quantized ({self.fraction_quantized:.1%} of the parameters), "
+            f"W4A4: {len(self.layers)} layers quantized ({weight_only} of them weight-only; "
+            f"{self.fraction_quantized:.1%} of the parameters), "
             f"{len(self.skipped)} kept in 16-bit; denoiser {self.bytes_before / 2**20:.1f} MiB -> "
             f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(1, self.bytes_after):.2f}x smaller) "
             f"in {self.seconds:.1f} s"
@@ -115,17 +123,20 @@ def eligible_layers(model: nn.Module, config: W4A4Config) -> tuple[dict[str, nn.
     """The layers of ``model`` that ``config`` quantizes (name -> module) and the others with the reason.
 
     Eligible: ``nn.Linear`` and 1x1 ``nn.Conv2d`` (stride 1, no padding, one group). Other convolutions are not
-    GEMMs and are not listed.
+    GEMMs and are not listed. ``config.scheme(name)`` says which scheme a chosen layer gets.
     """
     chosen, skipped = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, W4A4Linear):
-            raise ValueError(f"diffboost.quant: {name or type(model).__name__} is already W4A4-quantized")
+        if isinstance(module, Int4Linear):
+            raise ValueError(f"diffboost.quant: {name or type(model).__name__} is already quantized")
         if not (type(module) is nn.Linear or is_pointwise_conv(module)):
             continue
-        if not config.selects(name):
+        scheme = config.scheme(name)
+        if scheme is None:
             pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)), None)
             skipped[name] = f"skip pattern {pattern!r}" if pattern else "matches no include pattern"
+        elif scheme == "w4a16" and type(module) is not nn.Linear:
+            skipped[name] = "weight-only quantization applies to nn.Linear layers only"
         elif module.weight.dtype not in (torch.float32, *STORAGE_DTYPES):
             skipped[name] = f"weight dtype {module.weight.dtype} is not a float type"
         elif module.weight.device.type == "meta":
@@ -139,23 +150,28 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
     return module.weight.reshape(module.weight.shape[0], -1)
 
 
-def _output_error(x: torch.Tensor, reference: torch.Tensor, weights: W4A4Weights, in_features: int) -> float:
-    """Relative squared error of the W4A4 layer's output on rows ``x`` (the kernels' arithmetic, in PyTorch)."""
+def _output_error(x: torch.Tensor, reference: torch.Tensor, weights: W4A4Weights, in_features: int,
+                  weight_only: bool) -> float:
+    """Relative squared error of the quantized layer's output on rows ``x`` (the kernels' arithmetic, in PyTorch)."""
     pad = weights.qweight.shape[1] * 2 - in_features
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    qx, ascales, lr = w4a4_quantize_act_reference(x, weights.group_size, weights.smooth, weights.lora_down)
-    out = w4a4_gemm_reference(qx, ascales, weights.qweight, weights.wscales, lr if weights.rank else None,
-                              weights.lora_up, None, torch.float32)
+    if weight_only:
+        out = w4a16_linear_reference(x, weights.qweight, weights.wscales, weights.smooth).float()
+    else:
+        qx, ascales, lr = w4a4_quantize_act_reference(x, weights.group_size, weights.smooth, weights.lora_down)
+        out = w4a4_gemm_reference(qx, ascales, weights.qweight, weights.wscales, lr if weights.rank else None,
+                                  weights.lora_up, None, torch.float32)
     return float((out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
 def _quantize_layer(
-    module: nn.Module, stats: Optional[ActivationStats], config: W4A4Config
+    module: nn.Module, stats: Optional[ActivationStats], config: W4A4Config, scheme: str
 ) -> tuple[nn.Module, LayerReport]:
     weight = _weight_2d(module).detach()
     n, k = weight.shape
-    rank = min(config.rank, min(n, k) // 16 * 16)
+    weight_only = scheme == "w4a16"
+    rank = 0 if weight_only else min(config.rank, min(n, k) // 16 * 16)
     dtype = config.dtype or (weight.dtype if weight.dtype in STORAGE_DTYPES else torch.bfloat16)
     svd = "exact" if min(n, k) <= _EXACT_SVD_MAX_DIM else "randomized"
 
@@ -174,14 +190,17 @@ def _quantize_layer(
         best = None
         for candidate in candidates:
             quantized = build(candidate)
-            candidate_error = _output_error(stats.sample, reference, quantized, k)
+            candidate_error = _output_error(stats.sample, reference, quantized, k, weight_only)
             if best is None or candidate_error < best[0]:
                 best = (candidate_error, candidate, quantized)
         error, alpha, weights = best
-    cls = W4A4Conv2d if isinstance(module, nn.Conv2d) else W4A4Linear
+    if weight_only:
+        cls = W4A16Linear
+    else:
+        cls = W4A4Conv2d if isinstance(module, nn.Conv2d) else W4A4Linear
     layer = cls.from_weights(weights, k, backend=config.backend)
     kind = "conv1x1" if isinstance(module, nn.Conv2d) else "linear"
-    return layer, LayerReport(kind, k, n, rank, alpha, error)
+    return layer, LayerReport(kind, k, n, rank, alpha, error, scheme)
 
 
 def _components(target: Any, config: W4A4Config) -> dict[str, nn.Module]:
@@ -260,7 +279,7 @@ def _quantize(target: Any, config: W4A4Config, calibration: Calibration, progres
                 if config.smooth and calibration != "data-free" and key not in stats:
                     logger.info("diffboost.quant: %s never ran during calibration; quantized without smoothing", key)
                 with torch.no_grad():
-                    new, layers[name] = _quantize_layer(module, stats.pop(key, None), config)
+                    new, layers[name] = _quantize_layer(module, stats.pop(key, None), config, config.scheme(name))
                 parent_name, _, attribute = name.rpartition(".")
                 parent = model.get_submodule(parent_name)
                 setattr(parent, attribute, new)
