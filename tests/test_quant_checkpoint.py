@@ -139,14 +139,23 @@ def test_checkpoint_of_another_model_raises_and_changes_nothing(saved_flux):
     assert_unchanged(other, before)
 
 
-def test_shape_mismatch_raises_and_changes_nothing(saved_flux, tmp_path):
+@pytest.mark.parametrize(
+    "layer,field,value,message",
+    [
+        ("transformer_blocks.0.attn.to_q", "out_features", 64, "transformer_blocks.0.attn.to_q.*another model"),
+        ("transformer_blocks.0.norm1.linear", "scheme", "w4a8", "norm1.linear.*malformed entry"),
+    ],
+    ids=["shape", "unknown-scheme"],
+)
+def test_bad_layer_entry_raises_and_changes_nothing(saved_flux, tmp_path, layer, field, value, message):
     directory = copy_checkpoint(saved_flux[0], tmp_path / "ckpt")
     header = json.loads((directory / HEADER).read_text())
-    header["layers"]["transformer_blocks.0.attn.to_q"]["out_features"] += 16
+    assert header["layers"][layer][field] != value
+    header["layers"][layer][field] = value
     (directory / HEADER).write_text(json.dumps(header))
     model = fresh_flux()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="transformer_blocks.0.attn.to_q.*another model"):
+    with pytest.raises(ValueError, match=message):
         diffboost.quant.load_quantized(model, directory)
     assert_unchanged(model, before)
 
@@ -201,15 +210,3 @@ def test_version_1_checkpoints_still_load(tmp_path):
     diffboost.quant.load_quantized(loaded, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**probe).sample, model(**probe).sample)
-
-
-def test_unknown_layer_scheme_raises_and_changes_nothing(saved_flux, tmp_path):
-    directory = copy_checkpoint(saved_flux[0], tmp_path / "ckpt")
-    header = json.loads((directory / HEADER).read_text())
-    header["layers"]["transformer_blocks.0.norm1.linear"]["scheme"] = "w4a8"
-    (directory / HEADER).write_text(json.dumps(header))
-    model = fresh_flux()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="norm1.linear.*malformed entry"):
-        diffboost.quant.load_quantized(model, directory)
-    assert_unchanged(model, before)
