@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import diffboost
-from diffboost.models import build_denoiser, example_inputs
+from diffboost.models import build_denoiser, example_denoiser_inputs, example_inputs
 from diffboost.quant import DEFAULT_SKIP, Int4Linear, W4A4Config, W4A4Conv2d, W4A4Linear, W4A16Linear
 from diffboost.quant.linear import is_pointwise_conv
 
@@ -407,3 +407,37 @@ def test_benchmark_script_quick(tmp_path):
     metrics = rows["w4a4"]["metrics"]
     assert metrics["weight_reduction"] > 1.2 and metrics["layers_quantized"] > 0 and metrics["sqnr_db"] > 15
     assert metrics["weight_mib"] < rows["dense"]["metrics"]["weight_mib"]
+
+
+def _layer_plans(report) -> dict[str, tuple]:
+    return {name: (layer.kind, layer.scheme, layer.rank, layer.in_features, layer.out_features)
+            for name, layer in report.layers.items()}
+
+
+def test_estimate_is_what_quantize_gives_even_on_a_meta_model():
+    from diffusers import FluxTransformer2DModel
+
+    from diffboost.models import load_config
+
+    config = W4A4Config(group_size=32, rank=16, smooth=False)  # no smoothing: the estimate is exact
+    model = build_denoiser("tiny-flux")
+    with torch.device("meta"):
+        skeleton = FluxTransformer2DModel.from_config(load_config("tiny-flux", "transformer"))
+    estimates = [diffboost.quant.estimate(m, config)[""] for m in (model, skeleton)]
+    assert not diffboost.is_patched(model) and not any(isinstance(m, Int4Linear) for m in model.modules())
+    real = diffboost.quant.quantize(model, config, calibration="data-free")[""]
+    for estimate in estimates:
+        assert estimate.seconds is None and "estimated from the layer shapes" in str(estimate)
+        assert (estimate.bytes_before, estimate.bytes_after) == (real.bytes_before, real.bytes_after)
+        assert (estimate.params_total, estimate.params_quantized) == (real.params_total, real.params_quantized)
+        assert _layer_plans(estimate) == _layer_plans(real) and estimate.skipped == real.skipped
+
+
+def test_estimate_with_smoothing_bounds_the_real_size():
+    model = build_denoiser("tiny-pixart")
+    estimate = diffboost.quant.estimate(model, CONFIG)[""]
+    inputs = [example_denoiser_inputs(model, seed=1)]
+    real = diffboost.quant.quantize(model, CONFIG, calibration=inputs, progress=False)[""]
+    slack = sum(2 * layer.in_features for layer in real.layers.values())  # a smoothing vector the search dropped
+    assert real.bytes_after <= estimate.bytes_after <= real.bytes_after + slack
+    assert _layer_plans(estimate) == _layer_plans(real)

@@ -23,7 +23,7 @@ from diffboost.quant.format import (
     smooth_factors,
 )
 from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear
-from diffboost.quant.model import LayerReport, QuantReport, module_bytes, quantize, report, restore
+from diffboost.quant.model import LayerReport, QuantReport, estimate, module_bytes, quantize, report, restore
 
 __all__ = [
     "DEFAULT_SKIP",
@@ -37,6 +37,7 @@ __all__ = [
     "W4A4Linear",
     "W4A4Weights",
     "dequantize_weight",
+    "estimate",
     "load_quantized",
     "module_bytes",
     "quantize",

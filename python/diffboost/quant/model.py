@@ -40,7 +40,7 @@ from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Line
 
 logger = logging.getLogger("diffboost")
 
-__all__ = ["LayerReport", "QuantReport", "eligible_layers", "module_bytes", "quantize", "report", "restore"]
+__all__ = ["LayerReport", "QuantReport", "eligible_layers", "estimate", "module_bytes", "quantize", "report", "restore"]
 
 FEATURE = "quant"  # the name of the feature in diffboost.patch (and in a target's patch state)
 # Attribute of a quantized denoiser holding its (config, report): checkpoints read it.
@@ -72,7 +72,7 @@ class QuantReport:
         params_total, params_quantized: parameter counts of the denoiser before quantization, and of the layers
             that were replaced.
         bytes_before, bytes_after: memory of the denoiser's parameters and buffers.
-        seconds: wall time of calibration plus quantization.
+        seconds: wall time of calibration plus quantization; None for an :func:`estimate`.
     """
 
     config: W4A4Config
@@ -82,7 +82,7 @@ class QuantReport:
     params_quantized: int
     bytes_before: int
     bytes_after: int
-    seconds: float
+    seconds: Optional[float]
 
     @property
     def fraction_quantized(self) -> float:
@@ -96,7 +96,7 @@ class QuantReport:
             f"{self.fraction_quantized:.1%} of the parameters), "
             f"{len(self.skipped)} kept in 16-bit; denoiser {self.bytes_before / 2**20:.1f} MiB -> "
             f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(1, self.bytes_after):.2f}x smaller) "
-            f"in {self.seconds:.1f} s"
+            + ("estimated from the layer shapes" if self.seconds is None else f"in {self.seconds:.1f} s")
         )
 
 
@@ -119,11 +119,14 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
-def eligible_layers(model: nn.Module, config: W4A4Config) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def eligible_layers(
+    model: nn.Module, config: W4A4Config, *, allow_meta: bool = False
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The layers of ``model`` that ``config`` quantizes (name -> module) and the others with the reason.
 
     Eligible: ``nn.Linear`` and 1x1 ``nn.Conv2d`` (stride 1, no padding, one group). Other convolutions are not
-    GEMMs and are not listed. ``config.scheme(name)`` says which scheme a chosen layer gets.
+    GEMMs and are not listed. ``config.scheme(name)`` says which scheme a chosen layer gets. Layers whose weight is
+    on the meta device have nothing to quantize and are skipped, unless ``allow_meta`` (for :func:`estimate`).
     """
     chosen, skipped = {}, {}
     for name, module in model.named_modules():
@@ -139,7 +142,7 @@ def eligible_layers(model: nn.Module, config: W4A4Config) -> tuple[dict[str, nn.
             skipped[name] = "weight-only quantization applies to nn.Linear layers only"
         elif module.weight.dtype not in (torch.float32, *STORAGE_DTYPES):
             skipped[name] = f"weight dtype {module.weight.dtype} is not a float type"
-        elif module.weight.device.type == "meta":
+        elif module.weight.device.type == "meta" and not allow_meta:
             skipped[name] = "weight is on the meta device"
         else:
             chosen[name] = module
@@ -171,8 +174,7 @@ def _quantize_layer(
     weight = _weight_2d(module).detach()
     n, k = weight.shape
     weight_only = scheme == "w4a16"
-    rank = 0 if weight_only else min(config.rank, min(n, k) // 16 * 16)
-    dtype = config.dtype or (weight.dtype if weight.dtype in STORAGE_DTYPES else torch.bfloat16)
+    cls, rank, dtype = _layer_plan(module, config, scheme)
     svd = "exact" if min(n, k) <= _EXACT_SVD_MAX_DIM else "randomized"
 
     def build(alpha: Optional[float]) -> W4A4Weights:
@@ -194,13 +196,58 @@ def _quantize_layer(
             if best is None or candidate_error < best[0]:
                 best = (candidate_error, candidate, quantized)
         error, alpha, weights = best
-    if weight_only:
-        cls = W4A16Linear
+    layer = cls.from_weights(weights, k, backend=config.backend)
+    return layer, LayerReport(_kind(module), k, n, rank, alpha, error, scheme)
+
+
+def _kind(module: nn.Module) -> str:
+    return "conv1x1" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def _layer_plan(module: nn.Module, config: W4A4Config, scheme: str) -> tuple[type[Int4Linear], int, torch.dtype]:
+    """The class, low-rank rank and storage dtype the layer gets under ``scheme``."""
+    n, k = _weight_2d(module).shape
+    if scheme == "w4a16":
+        cls, rank = W4A16Linear, 0
     else:
         cls = W4A4Conv2d if isinstance(module, nn.Conv2d) else W4A4Linear
-    layer = cls.from_weights(weights, k, backend=config.backend)
-    kind = "conv1x1" if isinstance(module, nn.Conv2d) else "linear"
-    return layer, LayerReport(kind, k, n, rank, alpha, error, scheme)
+        rank = min(config.rank, min(n, k) // 16 * 16)
+    dtype = config.dtype or (module.weight.dtype if module.weight.dtype in STORAGE_DTYPES else torch.bfloat16)
+    return cls, rank, dtype
+
+
+def estimate(target: Any, config: Optional[W4A4Config] = None) -> dict[str, QuantReport]:
+    """What :func:`quantize` would make of ``target``'s memory, from the layer shapes alone (no weights needed).
+
+    Works on a model built on the meta device (``with torch.device("meta"): Model.from_config(...)``), so the size
+    of a quantized FLUX can be known on any machine. The layers, schemes, parameter counts and bytes are those
+    :func:`quantize` gives, except that with ``config.smooth`` every layer is counted with its smoothing vector (the
+    alpha search may choose none for some: at most ``2 * in_features`` bytes each over). Nothing is changed.
+
+    Returns:
+        component -> :class:`QuantReport` (``""`` for a bare model) with ``seconds=None`` and no alphas or errors.
+    """
+    config = W4A4Config() if config is None else config
+    if not isinstance(config, W4A4Config):
+        raise TypeError(f"diffboost.quant.estimate: config must be a W4A4Config, got {type(config).__name__}")
+    reports = {}
+    for component, model in _components(target, config).items():
+        chosen, skipped = eligible_layers(model, config, allow_meta=True)
+        bytes_before = module_bytes(model)
+        bytes_after, params_quantized, layers = bytes_before, 0, {}
+        for name, module in chosen.items():
+            scheme = config.scheme(name)
+            cls, rank, dtype = _layer_plan(module, config, scheme)
+            n, k = _weight_2d(module).shape
+            layer = cls(k, n, group_size=config.group_size, rank=rank, bias=module.bias is not None,
+                        smooth=config.smooth, dtype=dtype, device="meta")
+            bytes_after += module_bytes(layer) - module_bytes(module)
+            params_quantized += sum(p.numel() for p in module.parameters())
+            layers[name] = LayerReport(_kind(module), k, n, rank, None, None, scheme)
+        params_total = sum(p.numel() for p in model.parameters())
+        reports[component] = QuantReport(config, layers, skipped, params_total, params_quantized, bytes_before,
+                                         bytes_after, None)
+    return reports
 
 
 def _components(target: Any, config: W4A4Config) -> dict[str, nn.Module]:
