@@ -15,13 +15,15 @@ step (CFG batch 2 for the U-Nets):
 
 Defaults: ``flux,sdxl`` on CUDA, ``sd15,pixart`` on a CPU (the smaller models end to end).
 
-Rows: ``dense`` (the baseline: the model as built) and ``w4a4`` (the same model after
-``diffboost.quant.quantize(model, W4A4Config())``: group 64, rank 32, per-layer smoothing search, calibrated on
-four denoiser calls at the benchmark's resolution along a sampling trajectory). The quantized model replaces the
-dense one in place, so the dense row runs first. Each row's metrics: ``weight_mib`` (parameters and buffers of the
+Rows: ``dense`` (the baseline: the model as built), ``w4a4`` (the same model after
+``diffboost.quant.quantize(model, W4A4Config())``: group 64, rank 32, per-layer smoothing search, the modulation
+projections weight-only, calibrated on four denoiser calls at the benchmark's resolution along a sampling
+trajectory) and ``w4a16`` (``W4A4Config(weight_only=("*",))``: every quantized layer weight-only, on a freshly built
+copy of the dense model). A quantized model replaces the dense one in place, so the dense row runs first. Each
+row's metrics: ``weight_mib`` (parameters and buffers of the
 denoiser), ``peak_mem_mib`` (CUDA allocator peak over one call, weights included), ``sqnr_db`` and ``cosine`` of the
-output against the dense output on the same input; the w4a4 row adds ``quantize_s``, ``layers_quantized``,
-``fraction_quantized`` and ``weight_reduction`` (dense weight bytes / W4A4 weight bytes).
+output against the dense output on the same input; the quantized rows add ``quantize_s``, ``layers_quantized``,
+``fraction_quantized`` and ``weight_reduction`` (dense weight bytes / quantized weight bytes).
 
 ``--quick``: the tiny presets at 64x64 (for tests of this script; timings meaningless).
 """
@@ -37,6 +39,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from diffboost.quant import W4A4Config
 
 from benchmarks.harness import Case, add_common_arguments, finish, resolve_device, run_cases, save_rows
 
@@ -72,7 +76,7 @@ class Subject:
     def __init__(self, preset: str, batch: int, resolution: int, dtype: torch.dtype, device: str) -> None:
         from diffboost.models import build_denoiser, example_denoiser_inputs
 
-        self.device = device
+        self.preset, self.dtype, self.device = preset, dtype, device
         self.model = build_denoiser(preset, dtype=dtype, device=device).eval()
         self.inputs = example_denoiser_inputs(self.model, batch=batch, height=resolution, width=resolution, seed=0)
         self.resolution, self.batch = resolution, batch
@@ -102,12 +106,17 @@ class Subject:
         self.dense_weight_bytes = module_bytes(self.model)
         return self.call
 
-    def quantized(self):
+    def quantized(self, config):
         import diffboost
-        from diffboost.quant import W4A4Config
+        from diffboost.models import build_denoiser
 
+        if self.report is not None:  # the model holds an earlier quantization: start again from the dense weights
+            self.model = None
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            self.model = build_denoiser(self.preset, dtype=self.dtype, device=self.device).eval()
         start = time.perf_counter()
-        reports = diffboost.quant.quantize(self.model, W4A4Config(), calibration=self.calibration(), progress=False)
+        reports = diffboost.quant.quantize(self.model, config, calibration=self.calibration(), progress=False)
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.quantize_s = time.perf_counter() - start
@@ -169,8 +178,10 @@ def build_cases(models: Sequence[str], quick: bool, device: str) -> list[Case]:
         )
         cases.append(Case(name="dense", make_fn=lambda s=subject: s().dense(), baseline=True,
                           params={"preset": preset, "impl": "diffusers"}, **common))
-        cases.append(Case(name="w4a4", make_fn=lambda s=subject: s().quantized(),
-                          params={"preset": preset, "impl": "diffboost", "group_size": 64, "rank": 32}, **common))
+        for name, config in (("w4a4", W4A4Config()), ("w4a16", W4A4Config(weight_only=("*",)))):
+            cases.append(Case(name=name, make_fn=lambda s=subject, c=config: s().quantized(c),
+                              params={"preset": preset, "impl": "diffboost", "group_size": config.group_size,
+                                      "rank": config.rank, "weight_only": list(config.weight_only)}, **common))
     return cases
 
 

@@ -11,9 +11,10 @@ the fastest dense ``F.linear`` measured in the same run (fp32 and bf16 on CPU, b
 ``w4a4-<backend>``               :class:`diffboost.quant.W4A4Linear` (group 64, smoothing, rank-32 branch, bias):
                                 the whole layer, activation quantization included.
 ``w4a4-gemm-<backend>``          the W4A4 GEMM alone on pre-quantized activations.
-``w4a16-<backend>``              :class:`diffboost.quant.W4A16Linear` (group 64, bias) on the ``modulation`` shapes:
-                                the adaLN projections quantized weight-only, one row per sample, bound by reading
-                                the weight (``gbps`` counts the weight bytes read).
+``w4a16-<backend>``              :class:`diffboost.quant.W4A16Linear` (weight-only, group 64, bias): on the GEMM
+                                shapes, the alternative to W4A4 where INT4 tensor cores are missing; on the
+                                ``modulation`` shapes (adaLN projections, one row per sample, bound by reading the
+                                weight) the default for those layers (``gbps`` counts the weight bytes read).
 
 The layer is built from a random ``nn.Linear`` with :meth:`W4A4Linear.from_linear`; each row's ``sqnr_db`` is the
 SQNR of its output against the dense layer in fp64 on the same Gaussian input (quantization error plus kernel error).
@@ -82,13 +83,12 @@ def make_layer(shape: Shape, device: str) -> dict[str, Any]:
         linear.weight.copy_(torch.randn(shape.N, shape.K, generator=generator) / shape.K**0.5)
         linear.bias.copy_(torch.randn(shape.N, generator=generator) * 0.1)
     x = torch.randn(shape.M, shape.K, generator=generator)
-    if shape.weight_only:
-        quantized = W4A16Linear.from_linear(linear, GROUP_SIZE).to(device)
-    else:
+    layers = {"w4a16": W4A16Linear.from_linear(linear, GROUP_SIZE).to(device)}
+    if not shape.weight_only:
         smooth = smooth_factors(x.abs().amax(0), linear.weight)
-        quantized = W4A4Linear.from_linear(linear, GROUP_SIZE, RANK, smooth=smooth).to(device)
+        layers["w4a4"] = W4A4Linear.from_linear(linear, GROUP_SIZE, RANK, smooth=smooth).to(device)
     ref = (x.double() @ linear.weight.double().t() + linear.bias.double()).to(device)
-    return {"linear": linear.to(device), "quantized": quantized, "x": x.to(device), "ref": ref}
+    return {"linear": linear.to(device), **layers, "x": x.to(device), "ref": ref}
 
 
 def sqnr(out: torch.Tensor, *_inputs: Any, ref: torch.Tensor) -> dict[str, float]:
@@ -147,10 +147,10 @@ def layer_inputs(shape: Shape, device: str, dtype: torch.dtype):
     return (layer["x"].to(dtype),)
 
 
-def make_w4a4(shape: Shape, device: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+def make_quantized(shape: Shape, device: str, scheme: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     from diffboost.ops import BackendUnavailableError
 
-    layer = make_layer(shape, device)["quantized"]
+    layer = make_layer(shape, device)[scheme]
     call = functools.partial(_forward, layer, backend, x)
     try:
         call()
@@ -167,7 +167,7 @@ def _forward(layer, backend: str, x: torch.Tensor) -> torch.Tensor:
 def make_w4a4_gemm(shape: Shape, device: str, backend: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     from diffboost.ops import BackendUnavailableError, w4a4_gemm, w4a4_quantize_act
 
-    w = make_layer(shape, device)["quantized"].weights
+    w = make_layer(shape, device)["w4a4"].weights
     qx, ascales, lr = w4a4_quantize_act(x, GROUP_SIZE, w.smooth, w.lora_down)
     call = functools.partial(w4a4_gemm, qx, ascales, w.qweight, w.wscales, lora_act=lr, lora_up=w.lora_up,
                              bias=w.bias, out_dtype=x.dtype, backend=backend)
@@ -199,17 +199,17 @@ def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
                               inputs=functools.partial(dense_inputs, shape, device, dtype), baseline=True,
                               dtype=name, check=check, params={"impl": "torch.F.linear"}, bytes=weight_bytes,
                               **common))
+        # The W4A16 op has a Triton kernel for GPUs; on a CPU it runs the reference (dequantize + matmul).
+        weight_bytes = shape.N * shape.K // 2 + 2 * shape.N * shape.K // GROUP_SIZE if shape.weight_only else None
+        for dtype in w4a4_dtypes:
+            suffix = "" if len(w4a4_dtypes) == 1 else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
+            backend = "triton" if device == "cuda" else "reference"
+            cases.append(Case(name=f"w4a16-{backend}{suffix}", dtype=str(dtype).removeprefix("torch."),
+                              inputs=functools.partial(layer_inputs, shape, device, dtype), check=check,
+                              make_fn=functools.partial(make_quantized, shape, device, "w4a16", backend),
+                              bytes=weight_bytes, params={"impl": "diffboost", "backend": backend,
+                                                          "group_size": GROUP_SIZE}, **common))
         if shape.weight_only:
-            # The W4A16 op has a Triton kernel for GPUs; on a CPU it runs the reference (dequantize + matmul).
-            weight_bytes = shape.N * shape.K // 2 + 2 * shape.N * shape.K // GROUP_SIZE
-            for dtype in w4a4_dtypes:
-                suffix = "" if len(w4a4_dtypes) == 1 else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
-                backend = "triton" if device == "cuda" else "reference"
-                cases.append(Case(name=f"w4a16-{backend}{suffix}", dtype=str(dtype).removeprefix("torch."),
-                                  inputs=functools.partial(layer_inputs, shape, device, dtype), check=check,
-                                  make_fn=functools.partial(make_w4a4, shape, device, backend), bytes=weight_bytes,
-                                  params={"impl": "diffboost", "backend": backend, "group_size": GROUP_SIZE},
-                                  **common))
             continue
         cases.append(Case(name="int_mm-int8", make_fn=make_int_mm, inputs=functools.partial(int8_inputs, shape, device),
                           dtype="int8", params={"impl": "torch._int_mm", "note": "INT8 GEMM only"}, **common))
@@ -220,7 +220,8 @@ def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
                 inputs = functools.partial(layer_inputs, shape, device, dtype)
                 dtype_name = str(dtype).removeprefix("torch.")
                 cases.append(Case(name=f"w4a4-{backend}{suffix}", inputs=inputs, dtype=dtype_name, check=check,
-                                  make_fn=functools.partial(make_w4a4, shape, device, backend), params=params,
+                                  make_fn=functools.partial(make_quantized, shape, device, "w4a4", backend),
+                                  params=params,
                                   **common))
                 cases.append(Case(name=f"w4a4-gemm-{backend}{suffix}", inputs=inputs, dtype=dtype_name, check=check,
                                   make_fn=functools.partial(make_w4a4_gemm, shape, device, backend),

@@ -1,11 +1,14 @@
 """Weight-only INT4 linear (W4A16) in Triton; layout and arithmetic in :mod:`diffboost.ops.w4a16`.
 
-The layers this serves (adaLN / timestep modulation) run on a handful of rows, so the kernel is built to stream the
-packed weight once: each program owns a ``BLOCK_N`` slice of output channels (and a ``BLOCK_M`` slice of rows, one
-for a modulation layer) and walks K one group at a time. Per group the nibbles are sign-extended in registers (as in
-:mod:`diffboost.kernels.w4a4`), converted to x's dtype (exact: they are small integers), and one tensor-core dot with
-fp32 accumulation gives the group's partial sums, which the group's scale multiplies in fp32. fp32 inputs (and the
-interpreter, whose 16-bit dots are wrong) take an exact fp32 dot instead.
+Each program owns a ``BLOCK_M x BLOCK_N`` output tile and walks K one group at a time. Per group the weight tile's
+nibbles are sign-extended in registers (as in :mod:`diffboost.kernels.w4a4`), multiplied by the group's scale in
+fp32 (exact) and rounded to x's dtype: the dequantized tile feeds an ordinary 16-bit tensor-core dot with fp32
+accumulation. The dequantization costs ``BLOCK_N x G`` operations per group, shared by the tile's ``BLOCK_M`` rows,
+so large-M layers can run close to a 16-bit GEMM while reading a quarter of its weight bytes; one-row layers (adaLN
+modulation) stream the packed weight once. The product is computed transposed, ``out^T = W x^T``: the weight tile,
+produced in registers, is the dot's first operand (which Hopper's wgmma reads from registers, so it never goes
+through shared memory), and x, loaded as is, the second; with a handful of rows the tile is then a natural
+``64 x 16`` wgmma shape. fp32 inputs (and the interpreter, whose 16-bit dots are wrong) take an exact fp32 dot.
 """
 
 from __future__ import annotations
@@ -26,10 +29,18 @@ def _linear_kernel(
     X, QW, WScale, Bias, Out,
     M, N, K, stride_xm, stride_om,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows / columns wrap to valid ones (unmasked loads); the store drops them.
@@ -39,23 +50,36 @@ def _linear_kernel(
     offs_h = tl.arange(0, G // 2)
     x_ptrs = X + rows[:, None] * stride_xm + offs_g[None, :]
     w_ptrs = QW + cols[:, None] * (K // 2) + offs_h[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # transposed: out^T = W x^T
     for g in range(0, K // G):
         x = tl.load(x_ptrs)
-        w = _unpack_int4(tl.load(w_ptrs), BLOCK_N, G)
-        if DOT_FP32:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)))
         scale = tl.load(WScale + g * N + cols).to(tl.float32)
-        acc += part * scale[None, :]
+        q = _unpack_int4(tl.load(w_ptrs), BLOCK_N, G)
+        w = _round_to(q.to(tl.float32) * scale[:, None], X.dtype.element_ty)  # exact product, one rounding
+        if DOT_FP32:
+            acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(w, tl.trans(x))
         x_ptrs += G
         w_ptrs += G // 2
     if HAS_BIAS:
-        acc += tl.load(Bias + cols).to(tl.float32)[None, :]
-    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    out_ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        acc += tl.load(Bias + cols).to(tl.float32)[:, None]
+    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    out_ptrs = Out + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     tl.store(out_ptrs, _round_to(acc, Out.dtype.element_ty), mask=out_mask)
+
+
+def _config(m: int) -> triton.Config:
+    """Launch config from the number of rows: small tiles that stream the weight for a few rows (modulation
+    layers), 128 x 128 tensor-core tiles for many."""
+    if _INTERPRET:  # the interpreter pays per program and per op: few, large tiles
+        return triton.Config({"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "GROUP_M": 4}, num_warps=4,
+                             num_stages=1)
+    if m <= 16:
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 1}, num_warps=4, num_stages=4)
+    if m <= 64:
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4)
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3)
 
 
 def linear(
@@ -74,13 +98,11 @@ def linear(
     k = x.shape[1]
     if m == 0 or n == 0:
         return
-    group = k // wscales.shape[0]
-    block_m = 16 if m <= 16 or _INTERPRET else min(64, triton.next_power_of_2(m))
-    block_n = 64 if m <= 16 or _INTERPRET else 128
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    config = _config(m)
+    grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
     _linear_kernel[grid](
         x, qweight, wscales, bias if bias is not None else wscales, out,
         m, n, k, x.stride(0), out.stride(0),
-        G=group, HAS_BIAS=bias is not None, DOT_FP32=_INTERPRET or x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3,
+        G=k // wscales.shape[0], HAS_BIAS=bias is not None, DOT_FP32=_INTERPRET or x.dtype == torch.float32,
+        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -210,3 +210,18 @@ def test_version_1_checkpoints_still_load(tmp_path):
     diffboost.quant.load_quantized(loaded, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**probe).sample, model(**probe).sample)
+
+
+def test_weight_only_unet_round_trip(tmp_path):
+    """W4A16 linear and 1x1 conv layers (scheme "w4a16", kind "conv1x1") save and load bit-identically."""
+    model = build_denoiser("tiny-sd")
+    diffboost.quant.quantize(model, W4A4Config(group_size=32, weight_only=("*",)), calibration="data-free")
+    diffboost.quant.save_quantized(model, tmp_path)
+    spec = json.loads((tmp_path / HEADER).read_text())["layers"]["down_blocks.0.attentions.0.proj_in"]
+    assert (spec["kind"], spec["scheme"]) == ("conv1x1", "w4a16")
+    probe = example_denoiser_inputs(model, seed=5)
+    torch.manual_seed(7)
+    fresh = build_denoiser("tiny-sd", seed=3)
+    diffboost.quant.load_quantized(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(**probe).sample, model(**probe).sample)

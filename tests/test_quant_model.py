@@ -15,7 +15,15 @@ from torch import nn
 
 import diffboost
 from diffboost.models import build_denoiser, example_denoiser_inputs, example_inputs
-from diffboost.quant import DEFAULT_SKIP, Int4Linear, W4A4Config, W4A4Conv2d, W4A4Linear, W4A16Linear
+from diffboost.quant import (
+    DEFAULT_SKIP,
+    Int4Linear,
+    W4A4Config,
+    W4A4Conv2d,
+    W4A4Linear,
+    W4A16Conv2d,
+    W4A16Linear,
+)
 from diffboost.quant.linear import is_pointwise_conv
 
 # The tiny presets' widths (32/48/80/96) are not all multiples of 64: group 32 keeps padding to a minimum. A
@@ -291,10 +299,20 @@ def test_a_quantization_without_originals_cannot_be_removed(tiny_sd):
         diffboost.quant.restore(pipe)
 
 
+def test_patch_quant_w4a16_name(tiny_sd):
+    diffboost.patch(tiny_sd, quant="w4a16", calibration="data-free")
+    report = diffboost.quant.report(tiny_sd)["unet"]
+    assert report.config == W4A4Config(weight_only=("*",))
+    layers = [m for m in tiny_sd.unet.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(isinstance(m, (W4A16Linear, W4A16Conv2d)) for m in layers)
+    diffboost.patch(tiny_sd, quant="w4a16")  # an equal config keeps the quantization
+    assert diffboost.quant.report(tiny_sd)["unet"] is report
+
+
 def test_patch_quant_argument_errors(tiny_sd):
     with pytest.raises(TypeError, match="calibration= is an option of quant="):
         diffboost.patch(tiny_sd, calibration=["a prompt"])
-    with pytest.raises(TypeError, match="quant='int4' not supported; use 'w4a4'"):
+    with pytest.raises(TypeError, match="quant='int4' not supported; use 'w4a4', 'w4a16'"):
         diffboost.patch(tiny_sd, quant="int4")
     with pytest.raises(TypeError, match="calibration must be None"):
         diffboost.patch(tiny_sd, quant=CONFIG, calibration=42)
@@ -357,11 +375,14 @@ def test_config_json_round_trip():
         W4A4Config(skip="conv_in")
 
 
-def test_pointwise_conv_is_a_gemm_over_pixels(device):
+@pytest.mark.parametrize("conv_class,linear_class", [(W4A4Conv2d, W4A4Linear), (W4A16Conv2d, W4A16Linear)],
+                         ids=["w4a4", "w4a16"])
+def test_pointwise_conv_is_a_gemm_over_pixels(device, conv_class, linear_class):
     conv = nn.Conv2d(96, 40, 1).to(device)
     smooth = torch.rand(96, device=device) + 0.5
-    layer = W4A4Conv2d.from_conv(conv, group_size=32, rank=16, smooth=smooth)
-    as_linear = W4A4Linear.from_weights(layer.weights, 96)
+    rank = {"rank": 16} if conv_class is W4A4Conv2d else {}
+    layer = conv_class.from_conv(conv, group_size=32, smooth=smooth, **rank)
+    as_linear = linear_class.from_weights(layer.weights, 96)
     x = torch.randn(2, 96, 5, 7, device=device)
     out = layer(x)
     assert out.shape == (2, 40, 5, 7) and out.is_contiguous()  # the input's memory format
@@ -372,7 +393,24 @@ def test_pointwise_conv_is_a_gemm_over_pixels(device):
     dense = layer.to_conv(torch.float32)
     torch.testing.assert_close(dense.weight.view(40, 96), layer.to_linear(torch.float32).weight)
     with pytest.raises(TypeError, match="expected a 1x1 nn.Conv2d"):
-        W4A4Conv2d.from_conv(nn.Conv2d(8, 8, 3))
+        conv_class.from_conv(nn.Conv2d(8, 8, 3))
+
+
+def test_weight_only_everywhere():
+    """``weight_only=("*",)``: every quantized layer W4A16 (1x1 convs included); activations stay 16-bit, so the
+    images stay closer to the float ones than with W4A4."""
+    from diffboost.models import build_pipeline
+
+    pipe = build_pipeline("tiny-sd")
+    reference = generate(pipe)
+    config = W4A4Config(group_size=32, rank=16, alpha_grid=GRID, weight_only=("*",))
+    report = diffboost.quant.quantize(pipe, config, calibration=calibration(pipe), progress=False)["unet"]
+    assert report.layers and all(layer.scheme == "w4a16" and layer.rank == 0 for layer in report.layers.values())
+    assert isinstance(pipe.unet.get_submodule("down_blocks.0.attentions.0.proj_in"), W4A16Conv2d)
+    assert not any(isinstance(m, W4A4Linear) for m in pipe.unet.modules())
+    quality = psnr(generate(pipe), reference)
+    print(f"\ntiny-sd weight-only: {report}; PSNR vs float {quality:.1f} dB")
+    assert quality > 30.0
 
 
 @pytest.mark.gpu
@@ -390,7 +428,8 @@ def test_gpu_bf16_pipeline_quantizes_and_runs():
 
 
 def test_benchmark_script_quick(tmp_path):
-    """benchmarks/bench_quant.py --quick (tiny FLUX on CPU) records the dense and W4A4 rows with their metrics."""
+    """benchmarks/bench_quant.py --quick (tiny FLUX on CPU) records the dense, W4A4 and W4A16 rows with their
+    metrics."""
     import json
     import sys
     from pathlib import Path
@@ -403,10 +442,12 @@ def test_benchmark_script_quick(tmp_path):
     assert bench_quant.main(["--quick", "--device", "cpu", "--models", "flux", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("quant-quick-*.json")
     rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
-    assert rows["dense"]["status"] == rows["w4a4"]["status"] == "ok"
-    metrics = rows["w4a4"]["metrics"]
-    assert metrics["weight_reduction"] > 1.2 and metrics["layers_quantized"] > 0 and metrics["sqnr_db"] > 15
-    assert metrics["weight_mib"] < rows["dense"]["metrics"]["weight_mib"]
+    assert rows["dense"]["status"] == rows["w4a4"]["status"] == rows["w4a16"]["status"] == "ok"
+    for name in ("w4a4", "w4a16"):
+        metrics = rows[name]["metrics"]
+        assert metrics["weight_reduction"] > 1.2 and metrics["layers_quantized"] > 0 and metrics["sqnr_db"] > 15
+        assert metrics["weight_mib"] < rows["dense"]["metrics"]["weight_mib"]
+    assert rows["w4a16"]["params"]["weight_only"] == ["*"]
 
 
 def _layer_plans(report) -> dict[str, tuple]:

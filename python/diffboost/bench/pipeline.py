@@ -52,7 +52,7 @@ __all__ = [
 #: The settings benchmarked for each feature on its own, as ``diffboost.patch`` keyword values; a feature is
 #: benchmarked only when it is registered in this installation. Order: the features' install order.
 FEATURE_VARIANTS: dict[str, tuple[Any, ...]] = {
-    "quant": ("w4a4",),
+    "quant": ("w4a4", "w4a16"),
     # Initialised from the U-Net's own projections (no distilled weights ship with the package): it measures the
     # speed of linear attention; its fidelity is that of an undistilled model.
     "linear_attention": (True,),

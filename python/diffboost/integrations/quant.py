@@ -15,16 +15,19 @@ from diffboost.quant.model import _check_restorable, _quantize, _restore
 
 __all__ = ["coerce", "install"]
 
-_NAMES = ("w4a4",)
+#: ``quant=`` names: the default recipe, and every quantized layer weight-only (16-bit activations).
+_NAMES = {"w4a4": {}, "w4a16": {"weight_only": ("*",)}}
 
 
 def coerce(value: Any) -> W4A4Config:
-    """``quant=`` of :func:`diffboost.patch`: ``"w4a4"`` (the default :class:`W4A4Config`) or a W4A4Config."""
+    """``quant=`` of :func:`diffboost.patch`: ``"w4a4"`` (the default :class:`W4A4Config`), ``"w4a16"``
+    (``W4A4Config(weight_only=("*",))``: 4-bit weights everywhere, activations left in 16-bit) or a W4A4Config."""
     if isinstance(value, W4A4Config):
         return value
     if isinstance(value, str) and value.lower() in _NAMES:
-        return W4A4Config()
-    raise TypeError(f"diffboost.patch: quant={value!r:.80} not supported; use 'w4a4' or a diffboost.W4A4Config")
+        return W4A4Config(**_NAMES[value.lower()])
+    raise TypeError(f"diffboost.patch: quant={value!r:.80} not supported; use 'w4a4', 'w4a16' or a "
+                    "diffboost.W4A4Config")
 
 
 def install(pipe: Any, config: W4A4Config, calibration: Calibration = None):

@@ -1,10 +1,12 @@
 """``diffboost.ops.w4a16``: 4-bit weights x 16-bit activations (weight-only INT4) for linear layers.
 
-The weight-only companion of :mod:`diffboost.ops.w4a4`, for the layers where quantizing the activations costs too
-much accuracy and buys no speed: the adaLN / timestep modulation projections of DiTs and U-Nets. They run on one row
-per sample (the conditioning vector), so they are bound by reading the weight, which INT4 makes ~3.5x smaller; and
-their outputs scale and shift every token of a block, so their inputs stay exact. SVDQuant's FLUX models keep these
-layers in W4A16 the same way (AWQ-style).
+The weight-only companion of :mod:`diffboost.ops.w4a4`. By default it serves the layers where quantizing the
+activations costs too much accuracy and buys no speed: the adaLN / timestep modulation projections of DiTs and
+U-Nets. They run on one row per sample (the conditioning vector), so they are bound by reading the weight, which INT4
+makes ~3.5x smaller; and their outputs scale and shift every token of a block, so their inputs stay exact. SVDQuant's
+FLUX models keep these layers in W4A16 the same way (AWQ-style). It also serves whole models on GPUs without INT4
+tensor cores (Hopper): the weight is dequantized tile by tile in registers, a cost shared by all the rows of a tile,
+where W4A4 pays a per-group scaling of every output element (see :mod:`diffboost.kernels.w4a4`).
 
 Layout: the weight half of the W4A4 layout (:mod:`diffboost.ops.w4a4`), no low-rank branch:
 ``qweight uint8 [N, K/2]`` (symmetric INT4, two per byte, low nibble first), ``wscales [K/G, N]`` 16-bit,
@@ -12,12 +14,12 @@ Layout: the weight half of the W4A4 layout (:mod:`diffboost.ops.w4a4`), no low-r
 ``bias [N]`` or None.
 
 Arithmetic (every backend computes this; the reference is its definition): ``xs = x`` or, with ``smooth``,
-``xs = (x * (1 / smooth))`` in fp32 rounded to x's dtype; ``out = sum_g (xs_g . q_g) * wscales_g + bias`` with fp32
-accumulation, in x's dtype. The INT4 values are exact in every float type and ``q * wscale`` is exact in fp32, so
-backends differ only by the order of the fp32 sums.
+``xs = (x * (1 / smooth))`` in fp32 rounded to x's dtype; the weight is dequantized to x's dtype,
+``w = round(q * wscale)`` (the product is exact in fp32, then rounded once to nearest even); ``out = xs @ w^T + bias``
+with fp32 accumulation, in x's dtype. Backends differ only by the order of the fp32 sums.
 
-Backends: ``triton`` (``kernels/w4a16.py``: unpacks the nibbles in registers, one 16-bit tensor-core dot per group,
-the group scale applied in fp32), ``reference`` (dequantize, one matmul).
+Backends: ``triton`` (``kernels/w4a16.py``: unpacks and dequantizes each weight tile in registers, 16-bit tensor-core
+dots), ``reference`` (dequantize, one matmul).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from diffboost.ops.registry import Backend, get_op
 from diffboost.ops.w4a4 import _FLOAT_DTYPES, _check_tensor, _cuda_device, _validate_weights, unpack_int4
 
-__all__ = ["W4A16_OP", "w4a16_linear", "w4a16_linear_reference"]
+__all__ = ["W4A16_OP", "dequantize", "w4a16_linear", "w4a16_linear_reference"]
 
 W4A16_OP = get_op("w4a16_linear", "weight-only INT4 linear: packed INT4 weights, 16-bit activations, group scales")
 
@@ -39,6 +41,14 @@ def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:
         return x
     s = smooth.float()
     return (x.float() * (torch.ones_like(s) / s)).to(x.dtype)
+
+
+def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[N, K]`` weight in ``dtype``: ``q * wscale`` in fp32 (exact), rounded once to ``dtype``."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    groups = wscales.shape[0]
+    w = unpack_int4(qweight).float().view(n, groups, k // groups) * wscales.t().float().unsqueeze(-1)
+    return w.view(n, k).to(dtype)
 
 
 def w4a16_linear_reference(
@@ -54,10 +64,7 @@ def w4a16_linear_reference(
 
     ``compute=torch.float64`` makes it the oracle for the kernel's fp32 sums. Returns ``[M, N]`` in x's dtype.
     """
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    groups = wscales.shape[0]
-    w = unpack_int4(qweight).to(compute).view(n, groups, k // groups) * wscales.t().to(compute).unsqueeze(-1)
-    out = _smoothed(x, smooth).to(compute) @ w.view(n, k).t()
+    out = _smoothed(x, smooth).to(compute) @ dequantize(qweight, wscales, x.dtype).to(compute).t()
     if bias is not None:
         out += bias.to(compute)
     return out.to(x.dtype)
@@ -85,7 +92,7 @@ W4A16_OP.register(
         dtypes=_FLOAT_DTYPES,
         needs=("triton",),
         min_capability=(8, 0),
-        description="Triton weight-only INT4 GEMM: nibbles unpacked in registers, 16-bit tensor-core dots",
+        description="Triton weight-only INT4 GEMM: weight tiles dequantized in registers, 16-bit tensor-core dots",
     )
 )
 W4A16_OP.register(

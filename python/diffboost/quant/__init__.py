@@ -22,7 +22,7 @@ from diffboost.quant.format import (
     quantize_linear_weight,
     smooth_factors,
 )
-from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear
+from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Conv2d, W4A16Linear
 from diffboost.quant.model import LayerReport, QuantReport, estimate, module_bytes, quantize, report, restore
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "LayerReport",
     "QuantReport",
     "W4A4Config",
+    "W4A16Conv2d",
     "W4A16Linear",
     "W4A4Conv2d",
     "W4A4Linear",

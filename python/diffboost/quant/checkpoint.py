@@ -30,7 +30,7 @@ from torch import nn
 
 from diffboost.patching import DENOISER_NAMES, _push
 from diffboost.quant.config import W4A4Config
-from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear, is_pointwise_conv
+from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Conv2d, W4A16Linear, is_pointwise_conv
 from diffboost.quant.model import FEATURE, MODEL_ATTR, LayerReport, QuantReport, _quant_entry, _QuantState, module_bytes
 
 __all__ = ["FORMAT", "VERSION", "load_quantized", "save_quantized"]
@@ -38,7 +38,8 @@ __all__ = ["FORMAT", "VERSION", "load_quantized", "save_quantized"]
 FORMAT = "diffboost-w4a4"
 VERSION = 2
 _READABLE_VERSIONS = (1, 2)
-_LAYER_CLASSES = {("linear", "w4a4"): W4A4Linear, ("conv1x1", "w4a4"): W4A4Conv2d, ("linear", "w4a16"): W4A16Linear}
+_LAYER_CLASSES = {("linear", "w4a4"): W4A4Linear, ("conv1x1", "w4a4"): W4A4Conv2d, ("linear", "w4a16"): W4A16Linear,
+                  ("conv1x1", "w4a16"): W4A16Conv2d}
 HEADER = "diffboost_w4a4.json"
 TENSORS = "diffboost_w4a4.safetensors"
 _BUFFERS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias")
@@ -77,7 +78,7 @@ def _quantized_components(target: Any) -> dict[str, nn.Module]:
 
 def _layer_spec(layer: Int4Linear, report: Optional[LayerReport]) -> dict[str, Any]:
     return {
-        "kind": "conv1x1" if isinstance(layer, W4A4Conv2d) else "linear",
+        "kind": "conv1x1" if isinstance(layer, (W4A4Conv2d, W4A16Conv2d)) else "linear",
         "scheme": layer.SCHEME,
         "in_features": layer.in_features,
         "out_features": layer.out_features,

@@ -50,8 +50,8 @@ class W4A4Config:
 
     Every ``nn.Linear`` and 1x1 ``nn.Conv2d`` of the chosen components whose name matches ``include`` (all, when
     None) and no pattern of ``skip`` becomes a :class:`~diffboost.quant.W4A4Linear` (the convolution as a GEMM over
-    pixels), or a weight-only :class:`~diffboost.quant.W4A16Linear` when it matches ``weight_only`` (linear layers
-    only). Per layer: smoothing factors from the calibration activations, the rank-``rank`` SVD branch of the
+    pixels), or a weight-only :class:`~diffboost.quant.W4A16Linear` (``W4A16Conv2d``) when it matches
+    ``weight_only``. Per layer: smoothing factors from the calibration activations, the rank-``rank`` SVD branch of the
     smoothed weight (W4A4 only), INT4 groups of ``group_size`` for the residual.
 
     Args:
@@ -65,7 +65,8 @@ class W4A4Config:
         skip: glob patterns of layer names kept in 16-bit (:data:`DEFAULT_SKIP`); they win over ``include``.
         include: glob patterns of the layers to quantize; None means every eligible layer.
         weight_only: glob patterns of the quantized layers that get 4-bit weights but keep 16-bit activations
-            (:data:`DEFAULT_WEIGHT_ONLY`: the modulation projections); ``()`` makes every quantized layer W4A4.
+            (:data:`DEFAULT_WEIGHT_ONLY`: the modulation projections); ``()`` makes every quantized layer W4A4,
+            ``("*",)`` every one W4A16.
         components: pipeline components to quantize (``"unet"``, ``"transformer"``, ``"controlnet"``); ignored when
             a bare model is quantized.
         keep_original: keep the float layers so that ``diffboost.unpatch`` can restore them (costs their memory).

@@ -12,7 +12,7 @@ from diffboost.ops.w4a4 import GROUP_SIZES, w4a4_linear
 from diffboost.ops.w4a16 import w4a16_linear
 from diffboost.quant.format import STORAGE_DTYPES, W4A4Weights, dequantize_weight, quantize_linear_weight
 
-__all__ = ["Int4Linear", "W4A16Linear", "W4A4Conv2d", "W4A4Linear"]
+__all__ = ["Int4Linear", "W4A16Conv2d", "W4A16Linear", "W4A4Conv2d", "W4A4Linear"]
 
 
 class Int4Linear(nn.Module):
@@ -242,15 +242,42 @@ class W4A16Linear(Int4Linear):
                             backend=self.backend)
 
 
-class W4A4Conv2d(W4A4Linear):
-    """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) in W4A4: a GEMM over the pixels.
+class _PointwiseConv:
+    """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) run as its base layer's GEMM over the pixels.
 
     ``forward`` takes ``[B, C, H, W]`` and returns ``[B, N, H, W]`` in the input's memory format: a channels-last
     input goes through without copies (the GEMM's rows are its pixels); a contiguous NCHW input is transposed on the
     way in and the output back to NCHW, since a channels-last tensor flowing into the model's 3x3 convolutions would
-    make every one of them re-lay out its weight on each call (measured on CPU: slower than the copies). Build one
-    with :meth:`from_conv`; everything else is :class:`W4A4Linear`'s.
+    make every one of them re-lay out its weight on each call (measured on CPU: slower than the copies).
     """
+
+    @staticmethod
+    def _conv_weight(conv: nn.Conv2d, fn: str) -> torch.Tensor:
+        if not is_pointwise_conv(conv):
+            raise TypeError(f"{fn}: expected a 1x1 nn.Conv2d with stride 1, no padding and one group, got {conv!r}")
+        return conv.weight.view(conv.out_channels, conv.in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected a [B, C, H, W] input, got shape {list(x.shape)}")
+        out = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+    def to_conv(self, dtype: Optional[torch.dtype] = None) -> nn.Conv2d:
+        """A float 1x1 ``nn.Conv2d`` with the dequantized weight (see :meth:`Int4Linear.to_linear`)."""
+        linear = self.to_linear(dtype)
+        conv = nn.Conv2d(self.in_features, self.out_features, 1, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.view_as(conv.weight))
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias)
+        return conv
+
+
+class W4A4Conv2d(_PointwiseConv, W4A4Linear):
+    """A 1x1 ``nn.Conv2d`` in W4A4: a GEMM over the pixels (memory formats: :class:`_PointwiseConv`). Build one
+    with :meth:`from_conv`; everything else is :class:`W4A4Linear`'s."""
 
     @classmethod
     def from_conv(
@@ -264,28 +291,27 @@ class W4A4Conv2d(W4A4Linear):
         backend: str = "auto",
     ) -> "W4A4Conv2d":
         """Quantize a 1x1 convolution; arguments as :meth:`W4A4Linear.from_linear`."""
-        if not is_pointwise_conv(conv):
-            raise TypeError(f"W4A4Conv2d.from_conv: expected a 1x1 nn.Conv2d with stride 1, no padding and one "
-                            f"group, got {conv!r}")
-        weight = conv.weight.view(conv.out_channels, conv.in_channels)
+        weight = cls._conv_weight(conv, "W4A4Conv2d.from_conv")
         return cls._from_weight(weight, conv.bias, group_size, rank, smooth, dtype, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"W4A4Conv2d: expected a [B, C, H, W] input, got shape {list(x.shape)}")
-        out = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
-    def to_conv(self, dtype: Optional[torch.dtype] = None) -> nn.Conv2d:
-        """A float 1x1 ``nn.Conv2d`` with the dequantized weight (see :meth:`W4A4Linear.to_linear`)."""
-        linear = self.to_linear(dtype)
-        conv = nn.Conv2d(self.in_features, self.out_features, 1, bias=linear.bias is not None,
-                         device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(linear.weight.view_as(conv.weight))
-            if linear.bias is not None:
-                conv.bias.copy_(linear.bias)
-        return conv
+class W4A16Conv2d(_PointwiseConv, W4A16Linear):
+    """A 1x1 ``nn.Conv2d`` with weight-only INT4: a GEMM over the pixels (memory formats: :class:`_PointwiseConv`).
+    Build one with :meth:`from_conv`; everything else is :class:`W4A16Linear`'s."""
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        group_size: int = 64,
+        smooth: Optional[torch.Tensor] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+    ) -> "W4A16Conv2d":
+        """Quantize a 1x1 convolution's weight; arguments as :meth:`W4A16Linear.from_linear`."""
+        weight = cls._conv_weight(conv, "W4A16Conv2d.from_conv")
+        return cls._from_weight(weight, conv.bias, group_size, 0, smooth, dtype, backend)
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from diffboost.patching import DENOISER_NAMES, _push, _state, denoisers
 from diffboost.quant.calibrate import ActivationStats, Calibration, run_calibration
 from diffboost.quant.config import W4A4Config
 from diffboost.quant.format import STORAGE_DTYPES, W4A4Weights, quantize_linear_weight, smooth_factors
-from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Linear, is_pointwise_conv
+from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Conv2d, W4A16Linear, is_pointwise_conv
 
 logger = logging.getLogger("diffboost")
 
@@ -138,8 +138,6 @@ def eligible_layers(
         if scheme is None:
             pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)), None)
             skipped[name] = f"skip pattern {pattern!r}" if pattern else "matches no include pattern"
-        elif scheme == "w4a16" and type(module) is not nn.Linear:
-            skipped[name] = "weight-only quantization applies to nn.Linear layers only"
         elif module.weight.dtype not in (torch.float32, *STORAGE_DTYPES):
             skipped[name] = f"weight dtype {module.weight.dtype} is not a float type"
         elif module.weight.device.type == "meta" and not allow_meta:
@@ -207,11 +205,11 @@ def _kind(module: nn.Module) -> str:
 def _layer_plan(module: nn.Module, config: W4A4Config, scheme: str) -> tuple[type[Int4Linear], int, torch.dtype]:
     """The class, low-rank rank and storage dtype the layer gets under ``scheme``."""
     n, k = _weight_2d(module).shape
+    conv = isinstance(module, nn.Conv2d)
     if scheme == "w4a16":
-        cls, rank = W4A16Linear, 0
+        cls, rank = (W4A16Conv2d if conv else W4A16Linear), 0
     else:
-        cls = W4A4Conv2d if isinstance(module, nn.Conv2d) else W4A4Linear
-        rank = min(config.rank, min(n, k) // 16 * 16)
+        cls, rank = (W4A4Conv2d if conv else W4A4Linear), min(config.rank, min(n, k) // 16 * 16)
     dtype = config.dtype or (module.weight.dtype if module.weight.dtype in STORAGE_DTYPES else torch.bfloat16)
     return cls, rank, dtype
 
