@@ -19,7 +19,7 @@ from torch import nn
 import diffboost
 from diffboost.ops import w4a16_linear
 from diffboost.ops.w4a4 import pack_int4
-from diffboost.ops.w4a16 import dequantize, w4a16_linear_reference
+from diffboost.ops.w4a16 import dequantize
 from diffboost.quant import W4A16Linear
 
 HAS_CUDA = torch.cuda.is_available()
@@ -123,7 +123,7 @@ _FALLBACK_SCRIPT = r"""
 import torch
 from diffboost.ops import BackendUnavailableError, dispatch_log, w4a16_linear
 from diffboost.ops.w4a4 import pack_int4
-from diffboost.ops.w4a16 import dequantize, w4a16_linear_reference
+from diffboost.ops.w4a16 import w4a16_linear_reference
 
 layer = dict(qweight=pack_int4(torch.randint(-7, 8, (32, 128), dtype=torch.int8)),
              wscales=torch.rand(2, 32).to(torch.bfloat16))
