@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from diffboost.ops.registry import Backend, get_op
-from diffboost.ops.w4a4 import _FLOAT_DTYPES, _check_tensor, _cuda_device, _validate_weights, unpack_int4
+from diffboost.ops.w4a4 import _FLOAT_DTYPES, _check_tensor, _cuda_device, _validate_weights
 
 __all__ = ["W4A16_OP", "dequantize", "w4a16_linear", "w4a16_linear_reference"]
 
@@ -47,8 +47,9 @@ def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype)
     """The ``[N, K]`` weight in ``dtype``: ``q * wscale`` in fp32 (exact), rounded once to ``dtype``."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     groups = wscales.shape[0]
-    w = unpack_int4(qweight).float().view(n, groups, k // groups) * wscales.t().float().unsqueeze(-1)
-    return w.view(n, k).to(dtype)
+    b = qweight.view(torch.int8)  # arithmetic shifts on int8 sign-extend the nibbles, as the kernels do
+    q = torch.stack(((b << 4) >> 4, b >> 4), dim=-1).view(n, groups, k // groups)
+    return (q * wscales.t().float().unsqueeze(-1)).view(n, k).to(dtype)
 
 
 def w4a16_linear_reference(

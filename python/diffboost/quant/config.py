@@ -24,17 +24,19 @@ DEFAULT_SKIP: tuple[str, ...] = (
     # timestep, text, guidance and class embeddings
     "time_embedding.*", "time_text_embed.*", "add_embedding.*", "adaln_single.*", "caption_projection.*",
     "encoder_hid_proj*", "class_embedding.*", "time_embed.*",
+    # the U-Net ResNets' timestep projections: sensitive like the adaLN projections below, but ~3% of a U-Net's
+    # weights, too few to be worth 4-bit weights (and the CPU has no W4A16 kernel yet)
+    "*.time_emb_proj",
     # ControlNet: conditioning embedding and zero convolutions
     "controlnet_cond_embedding.*", "controlnet_down_blocks.*", "controlnet_mid_block",
 )
 
 #: Layers quantized to 4-bit weights with 16-bit activations (W4A16, :class:`~diffboost.quant.W4A16Linear`) by
-#: default: the adaLN modulation projections inside blocks (``AdaLayerNorm*.linear``) and the ResNets' timestep
-#: projections. Their outputs scale and shift every token of a block, so their inputs are not quantized (QuEST and
-#: SVDQuant single them out); they run on one row per sample, so reading 4-bit weights is all they cost, and they
-#: hold 27% of FLUX.1's parameters (3.2 of 11.9 B): in 16-bit they would cap its weight reduction near 2x. SVDQuant's
-#: FLUX models quantize them the same way.
-DEFAULT_WEIGHT_ONLY: tuple[str, ...] = ("*norm*.linear", "*.time_emb_proj")
+#: default: the adaLN modulation projections inside DiT blocks (``AdaLayerNorm*.linear``). Their outputs scale and
+#: shift every token of a block, so their inputs are not quantized (QuEST and SVDQuant single them out); they run on
+#: one row per sample, so reading 4-bit weights is all they cost, and they hold 27% of FLUX.1's parameters (3.2 of
+#: 11.9 B): in 16-bit they would cap its weight reduction near 2x. SVDQuant's FLUX models quantize them the same way.
+DEFAULT_WEIGHT_ONLY: tuple[str, ...] = ("*norm*.linear",)
 
 #: The denoiser components of a pipeline that are quantized unless ``components`` says otherwise.
 DEFAULT_COMPONENTS = ("unet", "transformer")
