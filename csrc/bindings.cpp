@@ -16,6 +16,7 @@
 #include "cpu/simd_selftest.h"
 #include "cuda/cuda_info.h"
 #include "diffboost_build_config.h"
+#include "w4a16/w4a16_cpu.h"
 #include "w4a4/w4a4_cpu.h"
 #include "w4a4/w4a4_cuda.h"
 
@@ -167,6 +168,14 @@ void w4a4_gemm_cpu(std::string_view level, std::uintptr_t qx, std::uintptr_t asc
   cpu::w4a4::gemm(simd, args, threads);
 }
 
+void w4a16_dequantize_cpu(std::uintptr_t qweight, std::uintptr_t scales, std::int64_t n, std::int64_t k,
+                          std::int64_t group, std::int64_t row_begin, std::int64_t row_end, std::uintptr_t out,
+                          int threads) {
+  py::gil_scoped_release no_gil;
+  cpu::w4a16::dequantize(as_ptr<const std::uint8_t>(qweight), as_ptr<const float>(scales), n, k, group, row_begin,
+                         row_end, as_ptr<float>(out), threads);
+}
+
 void w4a4_gemm_cuda(std::uintptr_t qx, std::uintptr_t ascales, std::int64_t m, std::uintptr_t qw,
                     std::uintptr_t wscales, std::int64_t n, std::int64_t k, std::int64_t group, std::uintptr_t lr,
                     std::uintptr_t up, std::int64_t rank, std::uintptr_t bias, std::uintptr_t out, int dtype,
@@ -234,6 +243,11 @@ PYBIND11_MODULE(_C, m, py::mod_gil_not_used()) {
         "out_dtype) = sum over groups of qx . qw times ascales * wscales + lr @ up + bias, with wscales "
         "[k/group, n], lr [m, rank], up [rank, n] and bias [n] in fp32 (0 = absent). Errors as w4a4_quantize_cpu.");
 
+  m.def("w4a16_dequantize_cpu", &diffboost::w4a16_dequantize_cpu, py::arg("qweight"), py::arg("scales"), py::arg("n"),
+        py::arg("k"), py::arg("group"), py::arg("row_begin"), py::arg("row_end"), py::arg("out"), py::arg("threads"),
+        "Dequantize rows [row_begin, row_end) of a packed INT4 weight (layout: diffboost.ops.w4a16; qweight uint8 "
+        "[n, k/2], scales fp32 [k/group, n]) into out, fp32 [row_end - row_begin, k]. Pointers are addresses. "
+        "ValueError for inconsistent sizes.");
   m.def("w4a4_gemm_cuda", &diffboost::w4a4_gemm_cuda, py::arg("qx"), py::arg("ascales"), py::arg("m"),
         py::arg("qw"), py::arg("wscales"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("lr"),
         py::arg("up"), py::arg("rank"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("out_stride"),

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 import diffboost
+from diffboost import _ext
+from diffboost.ops import w4a16 as w4a16_ops
 from diffboost.ops import w4a16_linear
 from diffboost.ops.w4a4 import pack_int4
 from diffboost.ops.w4a16 import dequantize
@@ -82,6 +84,35 @@ def test_kernel_matches_the_definition(m, k, n, g, dtype):
     _assert_close(out, xs, layer, dtype)
 
 
+@pytest.mark.parametrize("m,k,n,g", CASES)
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["whole", "chunked"])
+def test_cpu_backend_matches_the_definition(m, k, n, g, chunk, monkeypatch):
+    """fp32 on the CPU: ``_C`` dequantizes (a chunk of rows at a time), torch multiplies."""
+    if _ext.get_ext() is None:
+        pytest.skip(f"no _C extension: {_ext.ext_error()}")
+    if chunk is not None:
+        monkeypatch.setattr(w4a16_ops, "_CPU_CHUNK_ELEMENTS", chunk)  # several chunks of rows, a ragged last one
+    layer = _layer(k, n, g, torch.float32, device="cpu")
+    x = torch.randn(m, k)
+    out = w4a16_linear(x, **layer, backend="cpu")
+    _assert_close(out, _smoothed(x, layer), layer, torch.float32)
+
+
+def test_cpu_dequantize_is_exact_and_checks_its_arguments():
+    if _ext.get_ext() is None:
+        pytest.skip(f"no _C extension: {_ext.ext_error()}")
+    layer = _layer(128, 24, 32, torch.float32, device="cpu")
+    scales = layer["wscales"].float().contiguous()
+    out = torch.full((10, 128), float("nan"))
+    _ext.get_ext().w4a16_dequantize_cpu(layer["qweight"].data_ptr(), scales.data_ptr(), 24, 128, 32, 7, 17,
+                                        out.data_ptr(), 2)
+    assert torch.equal(out, dequantize(layer["qweight"], layer["wscales"], torch.float32)[7:17])
+    with pytest.raises(ValueError, match="group must be 32, 64 or 128"):
+        _ext.get_ext().w4a16_dequantize_cpu(0, 0, 24, 128, 48, 0, 1, 0, 1)
+    with pytest.raises(ValueError, match="row_end <= n"):
+        _ext.get_ext().w4a16_dequantize_cpu(0, 0, 24, 128, 32, 0, 25, 0, 1)
+
+
 @pytest.mark.parametrize("backend", ("triton", "reference"))
 @pytest.mark.parametrize("smooth,bias", [(True, True), (False, False)])
 def test_op_over_leading_dims_and_strides(backend, smooth, bias):
@@ -127,10 +158,10 @@ from diffboost.ops.w4a16 import w4a16_linear_reference
 
 layer = dict(qweight=pack_int4(torch.randint(-7, 8, (32, 128), dtype=torch.int8)),
              wscales=torch.rand(2, 32).to(torch.bfloat16))
-x = torch.randn(3, 128)
+x = torch.randn(3, 128, dtype=torch.bfloat16)  # the C++ backend takes fp32
 assert torch.equal(w4a16_linear(x, **layer), w4a16_linear_reference(x, **layer))
 entry = next(e for e in dispatch_log() if e["op"] == "w4a16_linear")
-print(entry["backend"], "|", "; ".join(entry["skipped"]["triton"]))
+print(entry["backend"], "|", "; ".join(entry["skipped"]["triton"]), "|", "; ".join(entry["skipped"].get("cpu", [])))
 try:
     w4a16_linear(x, **layer, backend="triton")
 except BackendUnavailableError as error:
@@ -140,13 +171,13 @@ except BackendUnavailableError as error:
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU machine the Triton backend runs")
 def test_without_a_gpu_or_interpreter_it_falls_back_to_reference_and_says_why():
-    """In a process without TRITON_INTERPRET (unlike this one): the reference runs, the log says why, and forcing
-    the Triton backend raises."""
+    """bf16 on a CPU in a process without TRITON_INTERPRET (unlike this one): the reference runs, the log says why
+    the others do not, and forcing the Triton backend raises."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "reference | runs on cuda, not cpu" in result.stdout
+    assert "reference | runs on cuda, not cpu" in result.stdout and "dtype bfloat16 not supported" in result.stdout
     assert "refused:" in result.stdout and "triton" in result.stdout.split("refused:")[1]
 
 

@@ -1,12 +1,12 @@
 #include "w4a4/w4a4_cpu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
+
+#include "cpu/parallel.h"
 
 namespace diffboost::cpu::w4a4 {
 namespace {
@@ -56,28 +56,6 @@ void check_shape(const char* op, int64_t k, int64_t group, int64_t rank) {
   check(group == 32 || group == 64 || group == 128, op, "group must be 32, 64 or 128, got " + std::to_string(group));
   check(k > 0 && k % group == 0, op, "k=" + std::to_string(k) + " must be a positive multiple of the group");
   check(rank >= 0 && rank % 16 == 0, op, "rank must be a multiple of 16, got " + std::to_string(rank));
-}
-
-// Runs body(thread_index, begin, end) over [0, n) in chunks of `grain` that
-// `threads` threads (the first the calling one) take in order, each as it
-// finishes its previous chunk: on a CPU shared with other work, a thread that
-// gets less of it takes fewer chunks instead of holding up the call.
-template <class Body>
-void parallel_for(int64_t n, int64_t grain, int threads, const Body& body) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, chunks));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(static_cast<int>(t), c * grain, std::min(n, (c + 1) * grain));
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(workers - 1));
-  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (std::thread& thread : pool) thread.join();
 }
 
 }  // namespace
