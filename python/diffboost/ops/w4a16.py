@@ -101,20 +101,16 @@ def _cpu_linear(x, qweight, wscales, smooth, bias):
     xs = _smoothed(x, smooth)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     rows = n if x.shape[0] >= _CPU_WHOLE_ROWS else max(1, min(n, _CPU_CHUNK_ELEMENTS // k))
-    scales, scratch = _f32(wscales), torch.empty(rows, k)
-    out = torch.empty(x.shape[0], n)
+    scales = _f32(wscales)
+    chunks = []
     for begin in range(0, n, rows):
         end = min(n, begin + rows)
-        w = scratch[: end - begin]
+        w = torch.empty(end - begin, k)  # a fresh buffer per chunk: autograd may keep the previous one
         _ext.get_ext().w4a16_dequantize_cpu(qweight.data_ptr(), scales.data_ptr(), n, k, k // wscales.shape[0],
                                             begin, end, w.data_ptr(), torch.get_num_threads())
-        if rows == n:
-            torch.mm(xs, w.t(), out=out)
-        else:
-            out[:, begin:end] = xs @ w.t()
-    if bias is not None:
-        out += bias.float()
-    return out
+        chunks.append(xs @ w.t())
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+    return out if bias is None else out + bias.float()
 
 
 W4A16_OP.register(
