@@ -199,11 +199,11 @@ def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
                               inputs=functools.partial(dense_inputs, shape, device, dtype), baseline=True,
                               dtype=name, check=check, params={"impl": "torch.F.linear"}, bytes=weight_bytes,
                               **common))
-        # The W4A16 op has a Triton kernel for GPUs; on a CPU it runs the reference (dequantize + matmul).
+        # The W4A16 op: Triton on GPUs (bf16); on a CPU the C++ dequantization + torch's fp32 GEMM (fp32 only).
         weight_bytes = shape.N * shape.K // 2 + 2 * shape.N * shape.K // GROUP_SIZE if shape.weight_only else None
-        for dtype in w4a4_dtypes:
-            suffix = "" if len(w4a4_dtypes) == 1 else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
-            backend = "triton" if device == "cuda" else "reference"
+        for dtype in (torch.bfloat16,) if device == "cuda" else (torch.float32,):
+            suffix = "" if device == "cuda" else "-fp32"
+            backend = "triton" if device == "cuda" else "cpu"
             cases.append(Case(name=f"w4a16-{backend}{suffix}", dtype=str(dtype).removeprefix("torch."),
                               inputs=functools.partial(layer_inputs, shape, device, dtype), check=check,
                               make_fn=functools.partial(make_quantized, shape, device, "w4a16", backend),
