@@ -173,7 +173,7 @@ def test_missing_layer_raises_and_changes_nothing(saved_flux, tmp_path):
 
 
 def test_save_needs_a_quantized_model(tmp_path):
-    with pytest.raises(ValueError, match="not W4A4-quantized; quantize it first"):
+    with pytest.raises(ValueError, match="not quantized; quantize it first"):
         diffboost.quant.save_quantized(build_denoiser("tiny-pixart"), tmp_path)
 
 

@@ -66,13 +66,13 @@ def _quantized_components(target: Any) -> dict[str, nn.Module]:
     """component -> quantized denoiser (``""`` for a bare model)."""
     if isinstance(target, nn.Module):
         if not isinstance(getattr(target, MODEL_ATTR, None), QuantReport):
-            raise ValueError(f"diffboost.quant.save_quantized: this {type(target).__name__} is not W4A4-quantized; "
+            raise ValueError(f"diffboost.quant.save_quantized: this {type(target).__name__} is not quantized; "
                              "quantize it first (diffboost.quant.quantize or diffboost.patch(..., quant=...))")
         return {"": target}
     found = {name: getattr(target, name) for name in DENOISER_NAMES
              if isinstance(getattr(getattr(target, name, None), MODEL_ATTR, None), QuantReport)}
     if not found:
-        raise ValueError(f"diffboost.quant.save_quantized: no W4A4-quantized denoiser in {type(target).__name__}")
+        raise ValueError(f"diffboost.quant.save_quantized: no quantized denoiser in {type(target).__name__}")
     return found
 
 
@@ -92,7 +92,7 @@ def _layer_spec(layer: Int4Linear, report: Optional[LayerReport]) -> dict[str, A
 
 
 def save_quantized(target: Any, directory: str | os.PathLike) -> None:
-    """Write the W4A4-quantized denoiser(s) of ``target`` (a model or a pipeline) to ``directory``.
+    """Write the quantized denoiser(s) of ``target`` (a model or a pipeline) to ``directory``.
 
     See the module docstring for the layout; :func:`load_quantized` reads it back onto an unquantized model.
     """

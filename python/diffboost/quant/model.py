@@ -370,9 +370,9 @@ def _progress_bar(total: int, enabled: bool):
 def _check_restorable(state: _QuantState) -> None:
     if any(original is None for undo in state.swaps.values() for _, _, original in undo):
         raise RuntimeError(
-            "diffboost: the denoiser was W4A4-quantized with keep_original=False, so its original weights are gone "
-            "and it cannot be restored in place; reload the model (e.g. DiffusionPipeline.from_pretrained(...)), or "
-            "quantize with W4A4Config(keep_original=True) to be able to undo it"
+            "diffboost: the denoiser was quantized (diffboost.quant) with keep_original=False, so its original "
+            "weights are gone and it cannot be restored in place; reload the model (e.g. "
+            "DiffusionPipeline.from_pretrained(...)), or quantize with W4A4Config(keep_original=True) to undo it"
         )
 
 
