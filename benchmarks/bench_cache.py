@@ -33,7 +33,16 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.harness import Case, SkipCase, add_common_arguments, finish, resolve_device, run_cases, save_rows
+from benchmarks.harness import (
+    Case,
+    SkipCase,
+    add_common_arguments,
+    finish,
+    resolve_device,
+    results_name,
+    run_cases,
+    save_rows,
+)
 
 DEEPCACHE_PACKAGE = "DeepCache"
 
@@ -56,6 +65,7 @@ MODELS = {
     "sdxl": Model("sdxl", "tiny-sdxl", 50, unet=True, cuda_timing=(6_000, 15_000)),
     "flux": Model("flux", "tiny-flux", 28, unet=False, cuda_timing=(8_000, 20_000)),
 }
+DEFAULT_MODELS = tuple(MODELS)
 QUICK_STEPS = 8
 CPU_QUICK_TIMING = {"warmup_ms": 1, "rep_ms": 1}  # one warm-up call and the harness's minimum of 5 timed calls
 
@@ -201,7 +211,7 @@ def build_cases(models: Sequence[str], quick_cpu: bool, dtype: torch.dtype,
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cache", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sd15,sdxl,flux", help="comma-separated of sd15,sdxl,flux")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated of sd15,sdxl,flux")
     add_common_arguments(
         parser, quick_help="short timing; without CUDA also the tiny presets (the only mode that runs on CPU)"
     )
@@ -214,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quick_cpu = device == "cpu"
     dtype = torch.float32 if quick_cpu else torch.bfloat16
-    rows = []
+    rows, name = [], results_name("cache", models, DEFAULT_MODELS)
     for model, cases in build_cases(models, quick_cpu, dtype, device):
         if quick_cpu:
             timing = CPU_QUICK_TIMING
@@ -223,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             timing = {"warmup_ms": warmup / 4, "rep_ms": rep / 4} if args.quick else {"warmup_ms": warmup,
                                                                                       "rep_ms": rep}
         rows += run_cases(cases, **timing)
-        save_rows(rows, "cache", args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
-    return finish(rows, "cache", args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
+        save_rows(rows, name, args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
+    return finish(rows, name, args, argv, script="bench_cache", packages=("diffusers", DEEPCACHE_PACKAGE))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,15 @@ import torch
 
 from diffboost.quant import W4A4Config
 
-from benchmarks.harness import Case, add_common_arguments, finish, resolve_device, run_cases, save_rows
+from benchmarks.harness import (
+    Case,
+    add_common_arguments,
+    finish,
+    resolve_device,
+    results_name,
+    run_cases,
+    save_rows,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,13 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = QUICK_TIMING if device == "cpu" else {k: v / 4 for k, v in CUDA_TIMING.items()}
     else:
         timing = CUDA_TIMING if device == "cuda" else CPU_TIMING
-    rows = []
+    rows, name = [], results_name("quant", models, DEFAULT_MODELS[device].split(","))
     for key in models:  # one model at a time: its float and quantized weights are freed before the next
         rows += run_cases(build_cases([key], args.quick, device), **timing)
-        save_rows(rows, "quant", args, argv, script="bench_quant", packages=PACKAGES)
+        save_rows(rows, name, args, argv, script="bench_quant", packages=PACKAGES)
         if device == "cuda":
             torch.cuda.empty_cache()
-    return finish(rows, "quant", args, argv, script="bench_quant", packages=PACKAGES)
+    return finish(rows, name, args, argv, script="bench_quant", packages=PACKAGES)
 
 
 if __name__ == "__main__":

@@ -504,6 +504,12 @@ def resolve_device(parser, args, *, cpu_needs_quick: str | None = None) -> str:
     return device
 
 
+def results_name(base: str, selected: Sequence[str], default: Sequence[str]) -> str:
+    """``base``, or ``base-<selected models>`` when a run covers another set than the default: each partial run then
+    has its own results file (a GPU session can measure one pipeline per call) instead of replacing the others'."""
+    return base if set(selected) == set(default) else "-".join((base, *selected))
+
+
 def save_rows(rows: Sequence[Mapping[str, Any]], name: str, args, argv: Sequence[str] | None, *, script: str,
               packages: Sequence[str] = ()) -> Path:
     """Write ``rows`` as ``<name>[-quick]-<machine>.json`` with the command that produced them; returns the path.

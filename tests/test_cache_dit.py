@@ -220,7 +220,7 @@ def test_bench_cache_quick_runs_end_to_end(tmp_path):
     from benchmarks import bench_cache
 
     assert bench_cache.main(["--quick", "--device", "cpu", "--models", "flux", "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("cache-quick-*.json")
+    (path,) = tmp_path.glob("cache-flux-quick-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [row["name"] for row in rows] == ["uncached", "diffboost-block-uniform-i2", "diffboost-block-uniform-i3",
                                              "diffboost-block-first-block-t0.1"]

@@ -275,3 +275,10 @@ def test_bench_attention_full_shapes_need_a_gpu(tmp_path):
     with pytest.raises(SystemExit) as exc:
         bench_attention.main(["--device", "cpu", "--out", str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_results_name_separates_partial_runs():
+    results_name = harness.results_name
+    assert results_name("cache", ["flux", "sd15", "sdxl"], ("sd15", "sdxl", "flux")) == "cache"
+    assert results_name("cache", ["sdxl"], ("sd15", "sdxl", "flux")) == "cache-sdxl"
+    assert results_name("quant", ["sd15", "flux"], ["flux", "sdxl"]) == "quant-sd15-flux"

@@ -438,7 +438,7 @@ def test_benchmark_script_quick(tmp_path):
     from benchmarks import bench_quant
 
     assert bench_quant.main(["--quick", "--device", "cpu", "--models", "flux", "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("quant-quick-*.json")
+    (path,) = tmp_path.glob("quant-flux-quick-*.json")
     rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
     assert rows["dense"]["status"] == rows["w4a4"]["status"] == rows["w4a16"]["status"] == "ok"
     for name in ("w4a4", "w4a16"):
