@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a4 import _grouped_tile, _round_to, _unpack_int4
+from .w4a4 import _round_to, _tile_indices, _unpack_int4
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -31,13 +31,7 @@ def _linear_kernel(
     G: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows / columns wrap to valid ones (unmasked loads); the store drops them.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
+    offs_m, offs_n, rows, cols = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_g = tl.arange(0, G)
     offs_h = tl.arange(0, G // 2)
     x_ptrs = X + rows[:, None] * stride_xm + offs_g[None, :]

@@ -120,16 +120,21 @@ def _unpack_int4(packed, ROWS: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's (row tile, column tile) in grouped order: GROUP_M row tiles share each column tile while it
-    is in L2."""
+def _tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile, in grouped order (GROUP_M row tiles share each column tile while it is in L2):
+    ``(offs_m, offs_n, rows, cols)``, where rows / cols wrap out-of-range indices around to valid ones, so every
+    load is in bounds and unmasked (the store, masked with offs_m / offs_n, drops their results)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
 
 
 @triton.jit
@@ -140,14 +145,7 @@ def _gemm_kernel(
     HAS_LORA: tl.constexpr, LORA_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows/columns wrap around to valid ones instead of being masked: every load is in bounds and
-    # unmasked, and the store below drops their results.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
+    offs_m, offs_n, rows, cols = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_h = tl.arange(0, G // 2)
     a_ptrs = QX + rows[:, None] * (K // 2) + offs_h[None, :]
     w_ptrs = QW + cols[:, None] * (K // 2) + offs_h[None, :]

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from diffboost.ops.registry import Backend, get_op
-from diffboost.ops.w4a4 import _FLOAT_DTYPES, _check_tensor, _cuda_device, _validate_weights
+from diffboost.ops.w4a4 import _FLOAT_DTYPES, _as_rows, _cuda_device, _validate_layer_input, _validate_weights
 
 __all__ = ["W4A16_OP", "dequantize", "w4a16_linear", "w4a16_linear_reference"]
 
@@ -188,19 +188,6 @@ def w4a16_linear(
         ``[..., N]`` in x's dtype.
     """
     fn = "w4a16_linear"
-    n, k, _groups = _validate_weights(fn, qweight, wscales, None, bias)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{fn}: x dtype {x.dtype} not supported (float16, bfloat16, float32)")
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{fn}: x's last dim must be the layer's in_features K={k}, got shape {list(x.shape)}")
-    if x.device != qweight.device:
-        raise ValueError(f"{fn}: x is on {x.device}, qweight on {qweight.device}")
-    if smooth is not None:
-        _check_tensor(fn, "smooth", smooth, _FLOAT_DTYPES, (k,), x.device)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return _entry()(x2, qweight, wscales, smooth, bias, backend).view(*lead, n)
+    n, k, groups = _validate_weights(fn, qweight, wscales, None, bias)
+    _validate_layer_input(fn, x, qweight, k, groups, smooth, None)
+    return _entry()(_as_rows(x, k), qweight, wscales, smooth, bias, backend).view(*x.shape[:-1], n)

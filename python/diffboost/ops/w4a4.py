@@ -594,6 +594,21 @@ def w4a4_gemm(
     return _gemm_entry()(qx, ascales, qweight, wscales, lora_act, lora_up, bias, out_dtype, backend)
 
 
+def _validate_layer_input(fn, x, qweight, k, groups, smooth, lora_down) -> None:
+    """Checks a linear layer's input ``x [..., K]`` (and its smoothing factors) against the layer's weight."""
+    if isinstance(x, torch.Tensor) and (x.dim() < 1 or x.shape[-1] != k):
+        raise ValueError(f"{fn}: x's last dim must be the layer's in_features K={k}, got shape {list(x.shape)}")
+    _validate_quantize(fn, x, k // groups, smooth, lora_down)
+    if x.device != qweight.device:
+        raise ValueError(f"{fn}: x is on {x.device}, qweight on {qweight.device}")
+
+
+def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x [..., K]`` as ``[M, K]`` with unit stride along K (a copy only when it has none)."""
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def w4a4_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -620,17 +635,10 @@ def w4a4_linear(
     fn = "w4a4_linear"
     _n, k, groups = _validate_weights(fn, qweight, wscales, lora_up, bias)
     _check_lora_pair(fn, lora_down, lora_up, "lora_down and lora_up")
-    if isinstance(x, torch.Tensor) and (x.dim() < 1 or x.shape[-1] != k):
-        raise ValueError(f"{fn}: x's last dim must be the layer's in_features K={k}, got shape {list(x.shape)}")
-    _validate_quantize(fn, x, k // groups, smooth, lora_down)
-    if x.device != qweight.device:
-        raise ValueError(f"{fn}: x is on {x.device}, qweight on {qweight.device}")
+    _validate_layer_input(fn, x, qweight, k, groups, smooth, lora_down)
     if lora_down is not None and lora_down.shape[1] != lora_up.shape[0]:
         raise ValueError(f"{fn}: lora_down rank {lora_down.shape[1]} differs from lora_up rank {lora_up.shape[0]}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2 = x.shape[:-1], _as_rows(x, k)
     quantize_backend = "triton" if backend == "cuda" else backend  # the CUDA extension has the GEMM only
     qx, ascales, lr = _quantize_entry()(x2, smooth, lora_down, k // groups, quantize_backend)
     lora_act = lr if lora_up is not None else None
