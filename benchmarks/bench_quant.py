@@ -20,10 +20,10 @@ Rows: ``dense`` (the baseline: the model as built), ``w4a4`` (the same model aft
 projections weight-only, calibrated on four denoiser calls at the benchmark's resolution along a sampling
 trajectory) and ``w4a16`` (``W4A4Config(weight_only=("*",))``: every quantized layer weight-only, on a freshly built
 copy of the dense model). A quantized model replaces the dense one in place, so the dense row runs first. Each
-row's metrics: ``weight_mib`` (parameters and buffers of the
-denoiser), ``peak_mem_mib`` (CUDA allocator peak over one call, weights included), ``sqnr_db`` and ``cosine`` of the
-output against the dense output on the same input; the quantized rows add ``quantize_s``, ``layers_quantized``,
-``fraction_quantized`` and ``weight_reduction`` (dense weight bytes / quantized weight bytes).
+row's metrics: ``weight_mib`` (parameters and buffers of the denoiser), ``peak_mem_mib`` (CUDA allocator peak over
+one call, weights included), ``sqnr_db`` and ``cosine`` of the output against the dense output on the same input;
+the quantized rows add ``quantize_s``, ``layers_quantized``, ``fraction_quantized`` and ``weight_reduction`` (dense
+weight bytes / quantized weight bytes).
 
 ``--quick``: the tiny presets at 64x64 (for tests of this script; timings meaningless).
 """

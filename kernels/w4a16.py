@@ -13,15 +13,11 @@ through shared memory), and x, loaded as is, the second; with a handful of rows 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .w4a4 import _round_to, _tile_indices, _unpack_int4
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .w4a4 import _INTERPRET, _round_to, _tile_indices, _unpack_int4
 
 
 @triton.jit

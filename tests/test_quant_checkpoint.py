@@ -64,7 +64,8 @@ def test_save_load_is_bit_identical(saved_flux):
         diffboost.unpatch(model)
 
 
-def test_load_onto_a_meta_skeleton(saved_flux):
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_load_onto_a_meta_skeleton(saved_flux, device):
     from diffusers import FluxTransformer2DModel
 
     from diffboost.models import load_config
@@ -73,7 +74,7 @@ def test_load_onto_a_meta_skeleton(saved_flux):
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(load_config("tiny-flux", "transformer"))
     assert next(model.parameters()).is_meta
-    diffboost.quant.load_quantized(model, directory)
+    diffboost.quant.load_quantized(model, directory, device=device)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     with torch.no_grad():
         assert torch.equal(model(**probe).sample, expected)

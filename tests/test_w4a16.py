@@ -20,7 +20,7 @@ import diffboost
 from diffboost import _ext
 from diffboost.ops import w4a16 as w4a16_ops
 from diffboost.ops import w4a16_linear
-from diffboost.ops.w4a4 import pack_int4
+from diffboost.ops.w4a4 import pack_int4, unpack_int4
 from diffboost.ops.w4a16 import dequantize
 from diffboost.quant import W4A16Linear
 
@@ -98,6 +98,15 @@ def test_cpu_backend_matches_the_definition(m, k, n, g, chunk, monkeypatch):
     _assert_close(out, _smoothed(x, layer), layer, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_is_the_unpacked_weight_times_its_scales_rounded_once(dtype):
+    """The oracle above, against the packing's own inverse (:func:`unpack_int4`) and a per-element product."""
+    layer = _layer(128, 24, 32, dtype, device="cpu")
+    q = unpack_int4(layer["qweight"]).float()
+    scales = layer["wscales"].float().t().repeat_interleave(32, dim=1)  # [N, K]: the scale of each element's group
+    assert torch.equal(dequantize(layer["qweight"], layer["wscales"], dtype), (q * scales).to(dtype))
+
+
 def test_cpu_dequantize_is_exact_and_checks_its_arguments():
     if _ext.get_ext() is None:
         pytest.skip(f"no _C extension: {_ext.ext_error()}")
@@ -153,7 +162,7 @@ def test_layer_refuses_a_low_rank_branch():
 _FALLBACK_SCRIPT = r"""
 import torch
 from diffboost.ops import BackendUnavailableError, dispatch_log, w4a16_linear
-from diffboost.ops.w4a4 import pack_int4
+from diffboost.ops.w4a4 import pack_int4, unpack_int4
 from diffboost.ops.w4a16 import w4a16_linear_reference
 
 layer = dict(qweight=pack_int4(torch.randint(-7, 8, (32, 128), dtype=torch.int8)),

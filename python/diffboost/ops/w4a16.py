@@ -31,6 +31,7 @@ import torch
 
 from diffboost.ops.registry import Backend, get_op
 from diffboost.ops.w4a4 import _FLOAT_DTYPES, _as_rows, _cuda_device, _validate_layer_input, _validate_weights
+from diffboost.ops.w4a4 import _smoothed as _smoothed_fp32
 
 __all__ = ["W4A16_OP", "dequantize", "w4a16_linear", "w4a16_linear_reference"]
 
@@ -38,10 +39,8 @@ W4A16_OP = get_op("w4a16_linear", "weight-only INT4 linear: packed INT4 weights,
 
 
 def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:
-    if smooth is None:
-        return x
-    s = smooth.float()
-    return (x.float() * (torch.ones_like(s) / s)).to(x.dtype)
+    """``x / smooth`` as the W4A4 activation pass computes it, rounded to x's dtype (the GEMM's 16-bit operand)."""
+    return x if smooth is None else _smoothed_fp32(x, smooth).to(x.dtype)
 
 
 def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

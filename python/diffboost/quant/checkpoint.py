@@ -38,8 +38,7 @@ __all__ = ["FORMAT", "VERSION", "load_quantized", "save_quantized"]
 FORMAT = "diffboost-w4a4"
 VERSION = 2
 _READABLE_VERSIONS = (1, 2)
-_LAYER_CLASSES = {("linear", "w4a4"): W4A4Linear, ("conv1x1", "w4a4"): W4A4Conv2d, ("linear", "w4a16"): W4A16Linear,
-                  ("conv1x1", "w4a16"): W4A16Conv2d}
+_LAYER_CLASSES = {(cls.KIND, cls.SCHEME): cls for cls in (W4A4Linear, W4A4Conv2d, W4A16Linear, W4A16Conv2d)}
 HEADER = "diffboost_w4a4.json"
 TENSORS = "diffboost_w4a4.safetensors"
 _BUFFERS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias")
@@ -78,7 +77,7 @@ def _quantized_components(target: Any) -> dict[str, nn.Module]:
 
 def _layer_spec(layer: Int4Linear, report: Optional[LayerReport]) -> dict[str, Any]:
     return {
-        "kind": "conv1x1" if isinstance(layer, (W4A4Conv2d, W4A16Conv2d)) else "linear",
+        "kind": layer.KIND,
         "scheme": layer.SCHEME,
         "in_features": layer.in_features,
         "out_features": layer.out_features,
@@ -151,7 +150,8 @@ def _empty_layer(spec: dict[str, Any]) -> Int4Linear:
 
 
 def _check_layers(path: str, model: nn.Module, header: dict[str, Any]) -> dict[str, Int4Linear]:
-    """Every saved layer exists in ``model`` as a float layer of the same shape; returns name -> empty W4A4 layer."""
+    """Every saved layer exists in ``model`` as a float layer of the same shape; returns name -> empty quantized
+    layer."""
     modules = dict(model.named_modules())
     empty = {}
     for name, spec in header["layers"].items():
@@ -275,13 +275,11 @@ def load_quantized(
             layers[name] = LayerReport(spec["kind"], spec["in_features"], spec["out_features"], spec["rank"],
                                        spec.get("alpha"), None, layer.SCHEME)
         meta = any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
-        if device is not None:
-            tensors = {key: t.to(device) for key, t in tensors.items()}
-        if meta:
-            # Assigned tensors become the parameters: give them their own allocations. safetensors' tensors are
-            # views into the file's buffer at 8-byte alignment, on which CPU BLAS takes other code paths (results
-            # differed in the last bit from the same model built normally).
-            tensors = {key: t.clone() for key, t in tensors.items()}
+        if meta or device is not None:
+            # Assigned tensors (meta skeleton) become the parameters: give them their own allocations, in one copy.
+            # safetensors' tensors are views into the file's buffer at 8-byte alignment, on which CPU BLAS takes
+            # other code paths (results differed in the last bit from the same model built normally).
+            tensors = {key: t.to(device or "cpu", copy=meta) for key, t in tensors.items()}
         model.load_state_dict(tensors, strict=False, assign=meta)
         swaps[component] = undo
         reports[component] = QuantReport(config, layers, {}, params_total, params_quantized, bytes_before,

@@ -28,7 +28,8 @@ class Int4Linear(nn.Module):
         backend: ``"auto"`` or a backend name of the layer's ops.
     """
 
-    SCHEME = ""
+    SCHEME = ""  # "w4a4" or "w4a16" in the subclasses
+    KIND = "linear"  # "conv1x1" for the 1x1 convolution forms (checkpoints record both)
 
     def __init__(
         self,
@@ -209,9 +210,10 @@ class W4A4Linear(Int4Linear):
 class W4A16Linear(Int4Linear):
     """``y = x W^T + b`` with W in packed INT4 (the W4A4 weight layout, no low-rank branch) and x left in 16-bit.
 
-    For the adaLN / timestep modulation projections (see :mod:`diffboost.ops.w4a16`): one row per sample, so the
-    layer is bound by reading its weight, which INT4 makes ~3.5x smaller, and its input stays exact. ``rank`` must
-    be 0 (it exists for a uniform constructor). The forward pass runs :func:`diffboost.ops.w4a16.w4a16_linear`.
+    By default for the adaLN modulation projections (see :mod:`diffboost.ops.w4a16`): one row per sample, so the
+    layer is bound by reading its weight, which INT4 makes ~3.5x smaller, and its input stays exact; with
+    ``quant="w4a16"`` for every quantized layer. ``rank`` must be 0 (it exists for a uniform constructor). The
+    forward pass runs :func:`diffboost.ops.w4a16.w4a16_linear`.
     """
 
     SCHEME = "w4a16"
@@ -250,6 +252,8 @@ class _PointwiseConv:
     way in and the output back to NCHW, since a channels-last tensor flowing into the model's 3x3 convolutions would
     make every one of them re-lay out its weight on each call (measured on CPU: slower than the copies).
     """
+
+    KIND = "conv1x1"
 
     @staticmethod
     def _conv_weight(conv: nn.Conv2d, fn: str) -> torch.Tensor:
