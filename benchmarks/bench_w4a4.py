@@ -199,10 +199,11 @@ def build_cases(shapes: Sequence[Shape], device: str) -> list[Case]:
                               inputs=functools.partial(dense_inputs, shape, device, dtype), baseline=True,
                               dtype=name, check=check, params={"impl": "torch.F.linear"}, bytes=weight_bytes,
                               **common))
-        # The W4A16 op: Triton on GPUs (bf16); on a CPU the C++ dequantization + torch's fp32 GEMM (fp32 only).
+        # The W4A16 op: Triton on GPUs (bf16); on a CPU the C++ backend (fp32 and bf16): the weight dequantized in
+        # registers for the few rows of a modulation layer, dequantized once + torch's fp32 GEMM for many rows.
         weight_bytes = shape.N * shape.K // 2 + 2 * shape.N * shape.K // GROUP_SIZE if shape.weight_only else None
-        for dtype in (torch.bfloat16,) if device == "cuda" else (torch.float32,):
-            suffix = "" if device == "cuda" else "-fp32"
+        for dtype in (torch.bfloat16,) if device == "cuda" else (torch.float32, torch.bfloat16):
+            suffix = "" if device == "cuda" else f"-{'fp32' if dtype == torch.float32 else 'bf16'}"
             backend = "triton" if device == "cuda" else "cpu"
             cases.append(Case(name=f"w4a16-{backend}{suffix}", dtype=str(dtype).removeprefix("torch."),
                               inputs=functools.partial(layer_inputs, shape, device, dtype), check=check,

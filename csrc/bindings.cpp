@@ -110,11 +110,11 @@ std::int64_t simd_selftest(std::string_view level_name, const py::bytes& a_bytes
 }
 
 // "auto" is the level runtime dispatch picks; otherwise a level name, which
-// the W4A4 functions reject if it is not compiled in or not supported.
-cpu::SimdLevel w4a4_level(std::string_view name) {
+// the CPU kernels reject if it is not compiled in or not supported.
+cpu::SimdLevel kernel_level(std::string_view name) {
   if (name == "auto") return cpu::best_simd_level();
   const auto level = cpu::simd_level_from_name(name);
-  if (!level) throw std::invalid_argument("w4a4: unknown SIMD level '" + std::string(name) + "'");
+  if (!level) throw std::invalid_argument("unknown SIMD level '" + std::string(name) + "'");
   return *level;
 }
 
@@ -138,7 +138,7 @@ void w4a4_quantize_cpu(std::string_view level, std::uintptr_t x, int x_dtype, st
   args.qx = as_ptr<std::uint8_t>(qx);
   args.ascales = as_ptr<float>(ascales);
   args.lr = as_ptr<float>(lr);
-  const cpu::SimdLevel simd = w4a4_level(level);
+  const cpu::SimdLevel simd = kernel_level(level);
   py::gil_scoped_release no_gil;
   cpu::w4a4::quantize(simd, args, as_ptr<const float>(smooth), threads);
 }
@@ -163,17 +163,38 @@ void w4a4_gemm_cpu(std::string_view level, std::uintptr_t qx, std::uintptr_t asc
   args.out = as_ptr<void>(out);
   args.out_dtype = out_dtype;
   args.out_stride = out_stride;
-  const cpu::SimdLevel simd = w4a4_level(level);
+  const cpu::SimdLevel simd = kernel_level(level);
   py::gil_scoped_release no_gil;
   cpu::w4a4::gemm(simd, args, threads);
 }
 
 void w4a16_dequantize_cpu(std::uintptr_t qweight, std::uintptr_t scales, std::int64_t n, std::int64_t k,
-                          std::int64_t group, std::int64_t row_begin, std::int64_t row_end, std::uintptr_t out,
-                          int threads) {
+                          std::int64_t group, bool round_bf16, std::uintptr_t out, int threads) {
   py::gil_scoped_release no_gil;
-  cpu::w4a16::dequantize(as_ptr<const std::uint8_t>(qweight), as_ptr<const float>(scales), n, k, group, row_begin,
-                         row_end, as_ptr<float>(out), threads);
+  cpu::w4a16::dequantize(as_ptr<const std::uint8_t>(qweight), as_ptr<const float>(scales), n, k, group, round_bf16,
+                         as_ptr<float>(out), threads);
+}
+
+void w4a16_gemm_rows_cpu(std::string_view level, std::uintptr_t x, int x_dtype, std::int64_t m, std::int64_t k,
+                         std::int64_t x_stride, std::uintptr_t qweight, std::uintptr_t scales, std::int64_t n,
+                         std::int64_t group, std::uintptr_t bias, std::uintptr_t out, std::int64_t out_stride,
+                         int threads) {
+  cpu::w4a16::RowsArgs args{};
+  args.x = as_ptr<const void>(x);
+  args.x_dtype = x_dtype;
+  args.m = m;
+  args.k = k;
+  args.x_stride = x_stride;
+  args.qweight = as_ptr<const std::uint8_t>(qweight);
+  args.scales = as_ptr<const float>(scales);
+  args.n = n;
+  args.group = group;
+  args.bias = as_ptr<const float>(bias);
+  args.out = as_ptr<void>(out);
+  args.out_stride = out_stride;
+  const cpu::SimdLevel simd = kernel_level(level);
+  py::gil_scoped_release no_gil;
+  cpu::w4a16::gemm_rows(simd, args, threads);
 }
 
 void w4a4_gemm_cuda(std::uintptr_t qx, std::uintptr_t ascales, std::int64_t m, std::uintptr_t qw,
@@ -244,10 +265,20 @@ PYBIND11_MODULE(_C, m, py::mod_gil_not_used()) {
         "[k/group, n], lr [m, rank], up [rank, n] and bias [n] in fp32 (0 = absent). Errors as w4a4_quantize_cpu.");
 
   m.def("w4a16_dequantize_cpu", &diffboost::w4a16_dequantize_cpu, py::arg("qweight"), py::arg("scales"), py::arg("n"),
-        py::arg("k"), py::arg("group"), py::arg("row_begin"), py::arg("row_end"), py::arg("out"), py::arg("threads"),
-        "Dequantize rows [row_begin, row_end) of a packed INT4 weight (layout: diffboost.ops.w4a16; qweight uint8 "
-        "[n, k/2], scales fp32 [k/group, n]) into out, fp32 [row_end - row_begin, k]. Pointers are addresses. "
+        py::arg("k"), py::arg("group"), py::arg("round_bf16"), py::arg("out"), py::arg("threads"),
+        "Dequantize a packed INT4 weight (layout: diffboost.ops.w4a16; qweight uint8 [n, k/2], scales fp32 "
+        "[k/group, n]) into out, fp32 [n, k], each value rounded to bf16 if round_bf16. Pointers are addresses. "
         "ValueError for inconsistent sizes.");
+
+  m.def("w4a16_gemm_rows_cpu", &diffboost::w4a16_gemm_rows_cpu, py::arg("level"), py::arg("x"), py::arg("x_dtype"),
+        py::arg("m"), py::arg("k"), py::arg("x_stride"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
+        py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("threads"),
+        "W4A16 GEMM for a few rows, the weight dequantized in registers (layout: diffboost.ops.w4a16): out [m, n] "
+        "(row stride out_stride) = x @ dequantized(qweight)^T + bias with fp32 sums; x [m, k] fp32 (x_dtype 0) or "
+        "bf16 (1) with row stride x_stride, the weight rounded to and out written in x's dtype; scales fp32 "
+        "[k/group, n], bias fp32 [n] (0 = absent). level as w4a4_gemm_cpu. Runs on `threads` threads without the "
+        "GIL. ValueError for inconsistent sizes, RuntimeError if this CPU cannot run the level.");
+
   m.def("w4a4_gemm_cuda", &diffboost::w4a4_gemm_cuda, py::arg("qx"), py::arg("ascales"), py::arg("m"),
         py::arg("qw"), py::arg("wscales"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("lr"),
         py::arg("up"), py::arg("rank"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("out_stride"),

@@ -27,6 +27,9 @@ from diffboost.quant import W4A16Linear
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # the C++ backend's; fp16 runs the reference on a CPU
+CPU_LEVELS = tuple(_ext.build_info().get("cpu_simd_compiled", ()))
+CPU_SUPPORTED = set(_ext.build_info().get("cpu_simd_supported", ()))
 # (M, K, N, G): one row (a modulation layer at batch 1), two, a ragged handful, rows over several tiles (the grouped
 # program order); N not a multiple of the kernel's column tile.
 CASES = [(1, 192, 100, 64), (2, 256, 72, 32), (17, 384, 130, 128), (40, 128, 64, 64), (150, 256, 136, 64)]
@@ -84,18 +87,55 @@ def test_kernel_matches_the_definition(m, k, n, g, dtype):
     _assert_close(out, xs, layer, dtype)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("m,k,n,g", CASES)
-@pytest.mark.parametrize("chunk", [None, 1000], ids=["whole", "chunked"])
-def test_cpu_backend_matches_the_definition(m, k, n, g, chunk, monkeypatch):
-    """fp32 on the CPU: ``_C`` dequantizes (a chunk of rows at a time), torch multiplies."""
+@pytest.mark.parametrize("path", ["rows", "gemm"])
+def test_cpu_backend_matches_the_definition(m, k, n, g, path, dtype, monkeypatch):
+    """fp32 and bf16 on the CPU, both paths whatever M is: the few-row kernel, and ``_C``'s dequantization + torch's
+    fp32 GEMM."""
     if _ext.get_ext() is None:
         pytest.skip(f"no _C extension: {_ext.ext_error()}")
-    if chunk is not None:
-        monkeypatch.setattr(w4a16_ops, "_CPU_CHUNK_ELEMENTS", chunk)  # several chunks of rows, a ragged last one
-    layer = _layer(k, n, g, torch.float32, device="cpu")
-    x = torch.randn(m, k)
+    monkeypatch.setattr(w4a16_ops, "_CPU_FEW_ROWS", 10**9 if path == "rows" else 0)
+    layer = _layer(k, n, g, dtype, device="cpu")
+    x = torch.randn(m, k, dtype=dtype)
     out = w4a16_linear(x, **layer, backend="cpu")
-    _assert_close(out, _smoothed(x, layer), layer, torch.float32)
+    assert out.dtype == dtype
+    _assert_close(out, _smoothed(x, layer), layer, dtype)
+
+
+@pytest.mark.parametrize("level", CPU_LEVELS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_cpu_rows_kernel_at_every_level(level, dtype, g):
+    """The few-row kernel of each SIMD level: every row count its register blocks handle (1-4 and a 4 + tail),
+    column counts that leave a tail of single columns, rows of x and out with strides past their ends; what the
+    strides skip stays poisoned."""
+    if level not in CPU_SUPPORTED:
+        pytest.skip(f"this CPU cannot run the {level} kernels (supports {sorted(CPU_SUPPORTED)})")
+    k = 2 * 128
+    for m, n, bias in ((1, 37, True), (2, 6, False), (3, 5, True), (4, 3, True), (9, 38, False)):
+        layer = _layer(k, n, g, dtype, device="cpu", smooth=False, bias=bias)
+        x = torch.randn(m, k + 24, dtype=dtype)[:, :k]
+        out = torch.full((m, n + 3), float("nan"), dtype=dtype)
+        w4a16_ops.gemm_rows_cpu(x, layer["qweight"], layer["wscales"], layer["bias"], out[:, :n], level=level)
+        _assert_close(out[:, :n], x, layer, dtype)
+        assert out[:, n:].isnan().all(), "wrote past the output's columns"
+
+
+def test_cpu_rows_kernel_checks_its_arguments():
+    if _ext.get_ext() is None:
+        pytest.skip(f"no _C extension: {_ext.ext_error()}")
+    layer = _layer(128, 8, 64, torch.float32, device="cpu", smooth=False, bias=False)
+    x, out = torch.randn(2, 128), torch.empty(2, 8)
+    with pytest.raises(ValueError, match="unknown SIMD level"):
+        w4a16_ops.gemm_rows_cpu(x, layer["qweight"], layer["wscales"], None, out, level="sse9")
+    with pytest.raises(ValueError, match="group must be 32, 64 or 128"):
+        w4a16_ops.gemm_rows_cpu(x, layer["qweight"], layer["wscales"][:1].expand(3, 8), None, out)  # K / 3 groups
+    with pytest.raises(ValueError, match="x_dtype must be 0"):
+        _ext.get_ext().w4a16_gemm_rows_cpu("auto", x.data_ptr(), 2, 2, 128, 128, 0, 0, 8, 64, 0, out.data_ptr(), 8, 1)
+    for level in [lvl for lvl in ("avx2", "avx512_vnni") if lvl in CPU_LEVELS and lvl not in CPU_SUPPORTED]:
+        with pytest.raises(RuntimeError, match="does not support"):
+            w4a16_ops.gemm_rows_cpu(x, layer["qweight"], layer["wscales"], None, out, level=level)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -107,22 +147,23 @@ def test_dequantize_is_the_unpacked_weight_times_its_scales_rounded_once(dtype):
     assert torch.equal(dequantize(layer["qweight"], layer["wscales"], dtype), (q * scales).to(dtype))
 
 
-def test_cpu_dequantize_is_exact_and_checks_its_arguments():
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_cpu_dequantize_is_exact_and_checks_its_arguments(dtype):
     if _ext.get_ext() is None:
         pytest.skip(f"no _C extension: {_ext.ext_error()}")
-    layer = _layer(128, 24, 32, torch.float32, device="cpu")
+    layer = _layer(128, 24, 32, dtype, device="cpu")
     scales = layer["wscales"].float().contiguous()
-    out = torch.full((10, 128), float("nan"))
-    _ext.get_ext().w4a16_dequantize_cpu(layer["qweight"].data_ptr(), scales.data_ptr(), 24, 128, 32, 7, 17,
-                                        out.data_ptr(), 2)
-    assert torch.equal(out, dequantize(layer["qweight"], layer["wscales"], torch.float32)[7:17])
+    out = torch.full((24, 128), float("nan"))
+    _ext.get_ext().w4a16_dequantize_cpu(layer["qweight"].data_ptr(), scales.data_ptr(), 24, 128, 32,
+                                        dtype == torch.bfloat16, out.data_ptr(), 2)
+    assert torch.equal(out, dequantize(layer["qweight"], layer["wscales"], dtype).float())
     with pytest.raises(ValueError, match="group must be 32, 64 or 128"):
-        _ext.get_ext().w4a16_dequantize_cpu(0, 0, 24, 128, 48, 0, 1, 0, 1)
-    with pytest.raises(ValueError, match="row_end <= n"):
-        _ext.get_ext().w4a16_dequantize_cpu(0, 0, 24, 128, 32, 0, 25, 0, 1)
+        _ext.get_ext().w4a16_dequantize_cpu(0, 0, 24, 128, 48, False, 0, 1)
+    with pytest.raises(ValueError, match="need n >= 0"):
+        _ext.get_ext().w4a16_dequantize_cpu(0, 0, -1, 128, 32, False, 0, 1)
 
 
-@pytest.mark.parametrize("backend", ("triton", "reference"))
+@pytest.mark.parametrize("backend", ("triton", "reference") if HAS_CUDA else ("triton", "cpu", "reference"))
 @pytest.mark.parametrize("smooth,bias", [(True, True), (False, False)])
 def test_op_over_leading_dims_and_strides(backend, smooth, bias):
     layer = _layer(256, 96, 64, torch.bfloat16, smooth=smooth, bias=bias)
@@ -166,8 +207,8 @@ from diffboost.ops.w4a4 import pack_int4, unpack_int4
 from diffboost.ops.w4a16 import w4a16_linear_reference
 
 layer = dict(qweight=pack_int4(torch.randint(-7, 8, (32, 128), dtype=torch.int8)),
-             wscales=torch.rand(2, 32).to(torch.bfloat16))
-x = torch.randn(3, 128, dtype=torch.bfloat16)  # the C++ backend takes fp32
+             wscales=torch.rand(2, 32).to(torch.float16))
+x = torch.randn(3, 128, dtype=torch.float16)  # the C++ backend takes fp32 and bf16
 assert torch.equal(w4a16_linear(x, **layer), w4a16_linear_reference(x, **layer))
 entry = next(e for e in dispatch_log() if e["op"] == "w4a16_linear")
 print(entry["backend"], "|", "; ".join(entry["skipped"]["triton"]), "|", "; ".join(entry["skipped"].get("cpu", [])))
@@ -180,13 +221,13 @@ except BackendUnavailableError as error:
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU machine the Triton backend runs")
 def test_without_a_gpu_or_interpreter_it_falls_back_to_reference_and_says_why():
-    """bf16 on a CPU in a process without TRITON_INTERPRET (unlike this one): the reference runs, the log says why
+    """fp16 on a CPU in a process without TRITON_INTERPRET (unlike this one): the reference runs, the log says why
     the others do not, and forcing the Triton backend raises."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "reference | runs on cuda, not cpu" in result.stdout and "dtype bfloat16 not supported" in result.stdout
+    assert "reference | runs on cuda, not cpu" in result.stdout and "dtype float16 not supported" in result.stdout
     assert "refused:" in result.stdout and "triton" in result.stdout.split("refused:")[1]
 
 

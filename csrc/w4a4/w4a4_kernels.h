@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu/bf16.h"
+
 namespace diffboost::cpu::w4a4 {
 
 // dtypes of x and of the output, as the Python wrapper passes them.
@@ -101,25 +103,5 @@ void prepare_rows_avx512_vnni(const GemmArgs& args, int64_t m0, int64_t m1, cons
 void gemm_tile_avx512_vnni(const GemmArgs& args, const GemmRows& rows, int64_t m0, int64_t m1, int64_t n0,
                            int64_t n1, GemmWorkspace* ws, bool new_columns);
 #endif
-
-// Scalar helpers shared by every level. `static`: each TU gets its own copy,
-// compiled with its own flags (see the note at the top).
-static inline float bf16_bits_to_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float out;
-  __builtin_memcpy(&out, &wide, sizeof(out));
-  return out;
-}
-
-// Round to nearest even, as torch's fp32 -> bf16 conversion of finite values.
-static inline uint16_t float_to_bf16_bits(float value) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN stays a (quiet) NaN
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-static inline float round_to_bf16(float value) { return bf16_bits_to_float(float_to_bf16_bits(value)); }
 
 }  // namespace diffboost::cpu::w4a4

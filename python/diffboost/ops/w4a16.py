@@ -18,7 +18,8 @@ Arithmetic (every backend computes this; the reference is its definition): ``xs 
 ``w = round(q * wscale)`` (the product is exact in fp32, then rounded once to nearest even); ``out = xs @ w^T + bias``
 with fp32 accumulation, in x's dtype. Backends differ only by the order of the fp32 sums.
 
-Backends: ``cpu`` (fp32: ``_C`` dequantizes the weight a chunk of rows at a time, torch's GEMM multiplies),
+Backends: ``cpu`` (fp32 and bf16: fewer than 64 rows in ``_C`` with the weight dequantized in registers; more rows
+as one torch fp32 GEMM on the weight ``_C`` dequantizes),
 ``triton`` (``kernels/w4a16.py``: unpacks and dequantizes each weight tile in registers, 16-bit tensor-core dots),
 ``reference`` (dequantize, one matmul).
 """
@@ -30,7 +31,16 @@ from typing import Optional
 import torch
 
 from diffboost.ops.registry import Backend, get_op
-from diffboost.ops.w4a4 import _FLOAT_DTYPES, _as_rows, _cuda_device, _validate_layer_input, _validate_weights
+from diffboost.ops.w4a4 import (
+    _CPU_DTYPE_CODES,
+    _FLOAT_DTYPES,
+    _as_rows,
+    _cuda_device,
+    _f32,
+    _ptr,
+    _validate_layer_input,
+    _validate_weights,
+)
 from diffboost.ops.w4a4 import _smoothed as _smoothed_fp32
 
 __all__ = ["W4A16_OP", "dequantize", "w4a16_linear", "w4a16_linear_reference"]
@@ -85,31 +95,43 @@ def _reference_linear(x, qweight, wscales, smooth, bias):
     return w4a16_linear_reference(x, qweight, wscales, smooth, bias)
 
 
-#: Weight elements the CPU backend dequantizes at a time for a few rows (fp32 scratch of 16 MiB): the whole layer for
-#: most, chunks of rows for the largest. From ``_CPU_WHOLE_ROWS`` rows on, the whole weight is dequantized at once:
-#: the activations are as large, and one GEMM over all the columns runs faster than several (measured on a 2-core
-#: CPU: 4096 x 3072 x 3072 took 1.6x as long in 1365-column chunks).
-_CPU_CHUNK_ELEMENTS = 1 << 22
-_CPU_WHOLE_ROWS = 64
+#: Rows below which the CPU backend multiplies with the weight dequantized in registers (``_C.w4a16_gemm_rows_cpu``,
+#: which reads the packed weight once per 4 rows); from here on it dequantizes the whole weight once and runs torch's
+#: fp32 GEMM. Measured on a 2-core AVX2 CPU (fp32; K x N = 3072 x 9216, 3072 x 3072, 1280 x 1280): the register
+#: path is 1.4-3x faster at 16-48 rows and ties at 64 on the smallest shape.
+_CPU_FEW_ROWS = 64
+
+
+def gemm_rows_cpu(xs, qweight, wscales, bias, out, level: str = "auto") -> None:
+    """Launch the C++ few-row kernel into ``out [M, N]`` (x's dtype, unit stride along N) on ``xs [M, K]`` (fp32 or
+    bf16, unit stride along K, already smoothed). ``level``: ``"auto"`` or a SIMD level (``"scalar"``, ``"avx2"``,
+    ``"avx512_vnni"``; raises if it is not compiled in or this CPU lacks it)."""
+    from diffboost import _ext
+
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    _ext.get_ext().w4a16_gemm_rows_cpu(
+        level, xs.data_ptr(), _CPU_DTYPE_CODES[xs.dtype], xs.shape[0], k, xs.stride(0), qweight.data_ptr(),
+        _f32(wscales).data_ptr(), n, k // wscales.shape[0], _ptr(_f32(bias)), out.data_ptr(), out.stride(0),
+        torch.get_num_threads(),
+    )
 
 
 def _cpu_linear(x, qweight, wscales, smooth, bias):
     from diffboost import _ext
-    from diffboost.ops.w4a4 import _f32
 
     xs = _smoothed(x, smooth)
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    rows = n if x.shape[0] >= _CPU_WHOLE_ROWS else max(1, min(n, _CPU_CHUNK_ELEMENTS // k))
-    scales = _f32(wscales)
-    chunks = []
-    for begin in range(0, n, rows):
-        end = min(n, begin + rows)
-        w = torch.empty(end - begin, k)  # a fresh buffer per chunk: autograd may keep the previous one
-        _ext.get_ext().w4a16_dequantize_cpu(qweight.data_ptr(), scales.data_ptr(), n, k, k // wscales.shape[0],
-                                            begin, end, w.data_ptr(), torch.get_num_threads())
-        chunks.append(xs @ w.t())
-    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
-    return out if bias is None else out + bias.float()
+    if x.shape[0] < _CPU_FEW_ROWS:
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        gemm_rows_cpu(xs, qweight, wscales, bias, out)
+        return out
+    # bf16 runs as an fp32 GEMM on the bf16-rounded weight (the definition), not as torch's CPU bf16 GEMM: without
+    # AVX-512 BF16 that one is ~8x slower than fp32.
+    w = torch.empty(n, k)
+    _ext.get_ext().w4a16_dequantize_cpu(qweight.data_ptr(), _f32(wscales).data_ptr(), n, k, k // wscales.shape[0],
+                                        x.dtype == torch.bfloat16, w.data_ptr(), torch.get_num_threads())
+    out = xs.float() @ w.t()
+    return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
 W4A16_OP.register(
@@ -117,9 +139,10 @@ W4A16_OP.register(
         name="cpu",
         impl=_cpu_linear,
         devices=("cpu",),
-        dtypes=(torch.float32,),
+        dtypes=(torch.float32, torch.bfloat16),
         needs=("_C",),
-        description="C++ dequantization of the INT4 weight, a chunk of rows at a time, then torch's fp32 GEMM",
+        description="C++: few rows with the weight dequantized in registers (AVX2 / scalar), more rows as a torch "
+        "fp32 GEMM on a dequantized copy",
     )
 )
 W4A16_OP.register(
