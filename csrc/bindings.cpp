@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 #include "cpu/simd_selftest.h"
 #include "cuda/cuda_info.h"
 #include "diffboost_build_config.h"
@@ -246,6 +247,16 @@ PYBIND11_MODULE(_C, m, py::mod_gil_not_used()) {
         "Dot product of a and b (bytes, read as int8 vectors of equal length) computed with the given SIMD "
         "level's kernel ('scalar', 'avx2', 'avx512_vnni'). Raises ValueError if the level is unknown or not "
         "compiled in, RuntimeError if this CPU cannot run it.");
+
+  m.def("use_openmp_runtime", &diffboost::cpu::use_openmp_runtime, py::arg("path"),
+        "Run the CPU kernels' threads on the OpenMP team of the runtime the process has already loaded from "
+        "`path` (torch's libgomp), instead of threads of their own. Returns '' on success, otherwise why not "
+        "(nothing changes then). Call before any kernel runs.");
+
+  m.def("openmp_runtime", []() -> py::object {
+        const auto& omp = diffboost::cpu::openmp_runtime();
+        return omp.parallel != nullptr ? py::object(py::str(omp.path)) : py::object(py::none());
+      }, "The path of the OpenMP runtime the CPU kernels run on (use_openmp_runtime), or None: threads of their own.");
 
   m.def("w4a4_quantize_cpu", &diffboost::w4a4_quantize_cpu, py::arg("level"), py::arg("x"), py::arg("x_dtype"),
         py::arg("m"), py::arg("k"), py::arg("x_stride"), py::arg("smooth"), py::arg("down"), py::arg("rank"),

@@ -258,6 +258,50 @@ def test_simd_selftest_matches_scalar_computation(level):
         _C.simd_selftest(level, bytes(n_max + 1), bytes(n_max + 1))
 
 
+_THREADS_SCRIPT = r"""
+import torch
+from diffboost import _C  # the module itself, not through diffboost._ext: nothing attached yet
+
+assert _C.openmp_runtime() is None
+torch.manual_seed(0)
+m, k, n, g = 300, 256, 520, 64
+qx, qw = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8), torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+ascales, wscales = torch.rand(k // g, m), torch.rand(k // g, n)
+
+def gemm():
+    out = torch.full((m, n), float("nan"))
+    _C.w4a4_gemm_cpu("auto", qx.data_ptr(), ascales.data_ptr(), m, qw.data_ptr(), wscales.data_ptr(), n, k, g, 0, 0,
+                     0, 0, out.data_ptr(), 0, n, 2)
+    return out
+
+own = gemm()  # on threads of its own
+print(_C.use_openmp_runtime("/no/such/libgomp.so.1"))
+assert _C.openmp_runtime() is None
+from diffboost import _ext
+print(_ext.cpu_threads())
+team = gemm()
+print("same:", torch.equal(own, team), "path:", _C.openmp_runtime())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP team is found in /proc/self/maps")
+def test_cpu_kernels_run_on_torchs_openmp_team_with_the_same_results():
+    """Loaded through diffboost, _C runs its threads on torch's OpenMP team (torch's CPU builds use OpenMP), and a
+    GEMM over many tiles gives the same bits as on threads of its own; a library the process has not loaded is
+    refused without a change."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's CPU thread pool is not OpenMP")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "/no/such/libgomp.so.1 is not loaded in this process"
+    assert lines[1].startswith("torch's OpenMP team (") and "omp" in lines[1]
+    assert lines[2].startswith("same: True path: ") and lines[2].endswith(lines[1][len("torch's OpenMP team ("):-1])
+    assert _ext.cpu_threads().startswith("torch's OpenMP team")
+
+
 def test_simd_selftest_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown SIMD level"):
         _C.simd_selftest("sse9", b"", b"")

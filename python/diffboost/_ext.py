@@ -13,6 +13,8 @@ while loading the module is a bug and propagates.
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import threading
 import warnings
 from types import ModuleType
@@ -39,6 +41,7 @@ def get_ext() -> ModuleType | None:
         if not _attempted:
             try:
                 _ext = importlib.import_module(_EXT_NAME)
+                _attach_openmp(_ext)
             except (ImportError, OSError) as exc:
                 _error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(
@@ -49,6 +52,44 @@ def get_ext() -> ModuleType | None:
                 )
             _attempted = True
     return _ext
+
+
+_threads_note: str | None = None
+
+
+def _torch_openmp_library() -> tuple[str | None, str]:
+    """The OpenMP library that torch's CPU ops run on, from the libraries this process has mapped, or None and why
+    there is none to share."""
+    import torch
+
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None, "torch's CPU thread pool is not OpenMP"
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if line.count(" ") >= 5}
+    except OSError:
+        return None, "the process's libraries are not listed in /proc/self/maps"
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if re.match(r"lib(gomp|iomp5|omp)\b.*\.so", name):
+            return path, ""
+    return None, "no OpenMP library is loaded"
+
+
+def _attach_openmp(ext: ModuleType) -> None:
+    """Run the CPU kernels on torch's OpenMP threads (see csrc/cpu/parallel.h for why); remember what was done."""
+    global _threads_note
+    path, why_not = _torch_openmp_library()
+    if path is not None:
+        why_not = ext.use_openmp_runtime(path)
+    _threads_note = f"torch's OpenMP team ({path})" if not why_not else f"threads of their own: {why_not}"
+
+
+def cpu_threads() -> str | None:
+    """What the CPU kernels of ``_C`` run on: torch's OpenMP thread team (and its library), or threads of their own
+    and why; None when ``_C`` is unavailable."""
+    get_ext()
+    return _threads_note
 
 
 def ext_error() -> str | None:

@@ -67,7 +67,8 @@ def collect() -> dict[str, Any]:
         },
         "triton_interpreter": triton_interpreting(),
         "gpus": gpus,
-        "extension": {"error": _ext.ext_error(), "build": _ext.build_info(), "cuda_runtime": _ext.cuda_runtime_info()},
+        "extension": {"error": _ext.ext_error(), "build": _ext.build_info(), "cuda_runtime": _ext.cuda_runtime_info(),
+                      "cpu_threads": _ext.cpu_threads()},
         "ops": ops,
         "features": [f.name for f in _features()],
         "dispatch_log": dispatch_log(),
@@ -99,6 +100,7 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"_C extension: {build.get('version')}, {cuda}")
         lines.append(f"  CPU SIMD compiled: {', '.join(build.get('cpu_simd_compiled', []))}; "
                      f"running: {build.get('cpu_simd_runtime')}")
+        lines.append(f"  CPU kernels run on: {ext['cpu_threads']}")
         runtime = ext["cuda_runtime"]
         lines.append(f"  CUDA runtime: {'ok' if runtime.get('ok') else 'unusable'} - {runtime.get('message')}")
     lines.append("")
