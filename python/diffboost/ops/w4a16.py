@@ -98,7 +98,7 @@ def _reference_linear(x, qweight, wscales, smooth, bias):
 #: Rows below which the CPU backend multiplies with the weight dequantized in registers (``_C.w4a16_gemm_rows_cpu``,
 #: which reads the packed weight once per 4 rows); from here on it dequantizes the whole weight once and runs torch's
 #: fp32 GEMM. Measured on a 2-core AVX2 CPU (fp32; K x N = 3072 x 9216, 3072 x 3072, 1280 x 1280): the register
-#: path is 1.4-3x faster at 16-48 rows and ties at 64 on the smallest shape.
+#: path is 1.1-3.2x faster at 16-48 rows and ties at 64 on the smallest shape.
 _CPU_FEW_ROWS = 64
 
 
