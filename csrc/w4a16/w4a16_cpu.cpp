@@ -4,19 +4,11 @@
 #include <string>
 
 #include "cpu/bf16.h"
+#include "cpu/checks.h"
 #include "cpu/parallel.h"
 
 namespace diffboost::cpu::w4a16 {
 namespace {
-
-void check(bool ok, const char* op, const std::string& what) {
-  if (!ok) throw std::invalid_argument(std::string(op) + ": " + what);
-}
-
-void check_shape(const char* op, std::int64_t k, std::int64_t group) {
-  check(group == 32 || group == 64 || group == 128, op, "group must be 32, 64 or 128, got " + std::to_string(group));
-  check(k > 0 && k % group == 0, op, "k=" + std::to_string(k) + " must be a positive multiple of the group");
-}
 
 // The sign-extended nibble `i` of a packed row (arithmetic shifts on int8, as in the other kernels).
 inline int nibble(const std::uint8_t* packed, std::int64_t i) {
@@ -29,7 +21,7 @@ inline int nibble(const std::uint8_t* packed, std::int64_t i) {
 void dequantize(const std::uint8_t* qweight, const float* scales, std::int64_t n, std::int64_t k, std::int64_t group,
                 bool round_bf16, float* out, int threads) {
   const char* op = "w4a16_dequantize_cpu";
-  check_shape(op, k, group);
+  check_group(op, k, group);
   check(n >= 0, op, "need n >= 0");
   if (n == 0) return;
   const std::int64_t groups = k / group;
@@ -87,17 +79,15 @@ void gemm_columns_scalar(const RowsArgs& args, std::int64_t n0, std::int64_t n1)
 
 void gemm_rows(SimdLevel level, const RowsArgs& args, int threads) {
   const char* op = "w4a16_gemm_rows_cpu";
-  check_shape(op, args.k, args.group);
+  check_group(op, args.k, args.group);
   check(args.x_dtype == kFloat32 || args.x_dtype == kBFloat16, op, "x_dtype must be 0 (fp32) or 1 (bf16)");
   check(args.m >= 0 && args.n >= 0 && args.x_stride >= args.k && args.out_stride >= args.n, op,
         "need m, n >= 0, x_stride >= k and out_stride >= n");
   auto columns = gemm_columns_scalar;
   if (level >= SimdLevel::kAvx2) {
 #if DIFFBOOST_HAVE_SIMD_AVX2
-    // Calling the level's code on a CPU without it would die with SIGILL.
-    if (!cpu_supports(level) || !cpu_supports(SimdLevel::kAvx2)) {
-      throw std::runtime_error(std::string(op) + ": this CPU does not support " + simd_level_name(level));
-    }
+    require_cpu_support(level, op);
+    require_cpu_support(SimdLevel::kAvx2, op);  // what an AVX-512 level runs here
     columns = gemm_columns_avx2;
 #else
     throw std::invalid_argument(std::string(op) + ": " + simd_level_name(level) +

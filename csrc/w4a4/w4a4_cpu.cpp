@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "cpu/parallel.h"
 
 namespace diffboost::cpu::w4a4 {
@@ -41,20 +42,12 @@ Kernels kernels_for(SimdLevel level, const char* op) {
       throw std::invalid_argument(std::string(op) + ": " + simd_level_name(level) +
                                   " kernels are not compiled into this build");
   }
-  // Calling the level's code on a CPU without it would die with SIGILL.
-  if (!cpu_supports(level)) {
-    throw std::runtime_error(std::string(op) + ": this CPU does not support " + simd_level_name(level));
-  }
+  require_cpu_support(level, op);
   return k;
 }
 
-void check(bool ok, const char* op, const std::string& what) {
-  if (!ok) throw std::invalid_argument(std::string(op) + ": " + what);
-}
-
 void check_shape(const char* op, int64_t k, int64_t group, int64_t rank) {
-  check(group == 32 || group == 64 || group == 128, op, "group must be 32, 64 or 128, got " + std::to_string(group));
-  check(k > 0 && k % group == 0, op, "k=" + std::to_string(k) + " must be a positive multiple of the group");
+  check_group(op, k, group);
   check(rank >= 0 && rank % 16 == 0, op, "rank must be a multiple of 16, got " + std::to_string(rank));
 }
 
