@@ -17,11 +17,12 @@ be undone.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["Feature", "denoisers", "is_patched", "patch", "register_feature", "unpatch"]
+__all__ = ["Feature", "denoisers", "is_patched", "patch", "register_feature", "uncompiled", "unpatch"]
 
 _STATE_ATTR = "_diffboost_patches"
 # Pipeline components that run at every denoising step; the VAE and text encoders run once per image.
@@ -73,16 +74,29 @@ def _features() -> list[Feature]:
     return sorted(_FEATURES.values(), key=lambda f: f.order)
 
 
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that a ``torch.compile`` wrapper (``OptimizedModule``) runs, else ``module`` itself.
+
+    diffboost patches the original module, inside the wrapper: the wrapper's guards see the change and it recompiles
+    on its next call, so ``torch.compile`` may come before or after :func:`patch`.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    while eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
 def denoisers(pipe_or_model: Any, include_vae: bool = False) -> dict[str, torch.nn.Module]:
-    """The modules diffboost patches: ``name -> module``. A bare ``nn.Module`` is its own denoiser (name ``""``)."""
+    """The modules diffboost patches: ``name -> module``. A bare ``nn.Module`` is its own denoiser (name ``""``).
+    Compiled modules are given as the modules they compile (:func:`uncompiled`)."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        return {"": pipe_or_model}
+        return {"": uncompiled(pipe_or_model)}
     names = DENOISER_NAMES + (("vae",) if include_vae else ())
     found = {}
     for name in names:
         module = getattr(pipe_or_model, name, None)
         if isinstance(module, torch.nn.Module):
-            found[name] = module
+            found[name] = uncompiled(module)
     if not found:
         raise ValueError(
             f"diffboost.patch: {type(pipe_or_model).__name__} has none of the components {', '.join(names)}; "

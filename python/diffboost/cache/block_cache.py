@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from diffboost.cache import BlockCacheConfig
-from diffboost.cache.runtime import DenoiserCache, ForwardPatch, StepTracker
+from diffboost.cache.runtime import DenoiserCache, ForwardPatch, StepTracker, eager
 
 logger = logging.getLogger("diffboost")
 
@@ -221,6 +221,7 @@ class BlockCache(DenoiserCache):
                                          state["reference"], self._first_residual)
         return fmt.make(*streams)
 
+    @eager
     def call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         if any(kwargs.get(name) is not None for name in _UNCACHEABLE_INPUTS):
             if not self._warned:

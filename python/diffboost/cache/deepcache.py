@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from diffboost.cache import DeepCacheConfig
-from diffboost.cache.runtime import DenoiserCache, ForwardPatch, StepTracker, repeat_batch
+from diffboost.cache.runtime import DenoiserCache, ForwardPatch, StepTracker, eager, repeat_batch
 
 logger = logging.getLogger("diffboost")
 
@@ -134,6 +134,7 @@ class UNetReplayCache(DenoiserCache):
         self._store.clear()
         self._current = None
 
+    @eager
     def call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         if any(kwargs.get(name) is not None for name in _IN_PLACE_INPUTS):
             if not self._warned:
@@ -154,6 +155,7 @@ class UNetReplayCache(DenoiserCache):
         self.report(step, args, kwargs, reused=True, skipped=True)
         return out
 
+    @eager
     def full_call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         """Run the whole U-Net, keeping the units' outputs when a later step of the call will reuse them."""
         record = self.partial_follows(step)
@@ -207,6 +209,7 @@ class ControlNetCache(DenoiserCache):
     def end_call(self) -> None:
         self._store.clear()
 
+    @eager
     def call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         scale = kwargs.get("conditioning_scale", 1.0)
         cached = self._store.get(slot)

@@ -18,7 +18,7 @@ import torch
 
 from diffboost.cache import EncoderPropagationConfig
 from diffboost.cache.deepcache import _REPLAY, _RUN, UNetReplayCache
-from diffboost.cache.runtime import StepTracker, repeat_batch
+from diffboost.cache.runtime import StepTracker, eager, repeat_batch
 
 logger = logging.getLogger("diffboost")
 
@@ -54,6 +54,7 @@ class EncoderPropagationUNet(UNetReplayCache):
             self._signature = inspect.signature(original)
         return self._signature.bind(*args, **kwargs)
 
+    @eager
     def call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         sample = self._precomputed.pop((slot, step), None)
         if sample is None:
@@ -65,12 +66,14 @@ class EncoderPropagationUNet(UNetReplayCache):
             return UNet2DConditionOutput(sample=sample)
         return (sample,)
 
+    @eager
     def full_call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         out = super().full_call(original, step, slot, args, kwargs)
         if self.config.parallel_decoder and slot in self._store:
             self._decode_ahead(original, step, slot, args, kwargs)
         return out
 
+    @eager
     def _decode_ahead(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> None:
         """Run the decoder of every non-key step up to the next key step now, as one batch."""
         steps = []

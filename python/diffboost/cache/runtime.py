@@ -25,11 +25,28 @@ from diffboost.cache.macs import count_macs
 
 logger = logging.getLogger("diffboost")
 
-__all__ = ["DenoiserCache", "ForwardPatch", "StepTracker", "repeat_batch", "tracker_of"]
+__all__ = ["DenoiserCache", "ForwardPatch", "StepTracker", "eager", "repeat_batch", "tracker_of"]
 
 TRACKER_ATTR = "_diffboost_cache_tracker"
 _MISSING = object()
 _TRACKING_CLASSES: dict[type, type] = {}
+
+
+def eager(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a method that reads the step number as never traced by ``torch.compile`` (what it calls still is).
+
+    Traced, such a method would make Dynamo specialize on the step and recompile at every step of a compiled
+    denoiser; left eager, the denoiser's own forward is compiled once per caching mode.
+    """
+    return torch.compiler.disable(method, recursive=False)
+
+
+@torch.compiler.disable
+def _count_eagerly(module: torch.nn.Module, call: Callable[[], Any], groups: dict) -> tuple[Any, dict[str, int]]:
+    """:func:`count_macs` with every compiled region (whole model or regional ``torch.compile``) run eagerly: traced,
+    the counting hooks would cost a recompilation each, for a call made once per input shape."""
+    with torch.compiler.set_stance("force_eager"):
+        return count_macs(module, call, groups)
 
 
 def tracker_of(pipe: Any) -> StepTracker | None:
@@ -321,17 +338,18 @@ class DenoiserCache:
             step, slot = self.tracker.position(self.name)
             return self.call(original, step, slot, args, kwargs)
 
-        return forward
+        return eager(forward)
 
     def call(self, original: Callable[..., Any], step: int, slot: int, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
 
+    @eager
     def run_full(self, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Run a full call, measuring its MACs with hooks the first time inputs of these shapes are seen."""
         key = _shape_key(args, kwargs)
         if key in self._costs:
             return original(*args, **kwargs)
-        output, counts = count_macs(self.module, lambda: original(*args, **kwargs), {"skippable": self.skippable})
+        output, counts = _count_eagerly(self.module, lambda: original(*args, **kwargs), {"skippable": self.skippable})
         self._costs[key] = (counts["total"], counts["total"] - counts["skippable"])
         return output
 

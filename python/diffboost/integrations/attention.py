@@ -62,7 +62,9 @@ class _DiffboostProcessor:
         self._reported = False
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale):
-        if not self._reported:
+        # The note is Python-side bookkeeping: skipped while torch.compile traces (where it would break the graph);
+        # the op itself still records which backend ran (diffboost.ops.dispatch_log).
+        if not self._reported and not torch.compiler.is_compiling():
             self._reported = True
             args = (query, key, value, mask, False, scale, self.config.precision, False, self.config.smooth_k)
             reasons = ATTENTION_OP.backend("triton").why_not(query.device, query.dtype, *args)

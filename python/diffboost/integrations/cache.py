@@ -10,11 +10,13 @@ attention processors inside them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffboost.cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
-from diffboost.cache.runtime import StepTracker
 from diffboost.patching import Feature, denoisers, register_feature
+
+if TYPE_CHECKING:
+    from diffboost.cache.runtime import StepTracker
 
 __all__ = ["install", "uninstall"]
 
@@ -43,6 +45,7 @@ def install(pipe: Any, config: CacheConfig | int) -> StepTracker:
     from diffboost.cache.block_cache import BlockCache
     from diffboost.cache.deepcache import ControlNetCache, DeepCacheUNet
     from diffboost.cache.encoder_propagation import EncoderPropagationUNet
+    from diffboost.cache.runtime import StepTracker  # imports torch._dynamo (to keep bookkeeping out of graphs)
 
     found = denoisers(pipe)
     if "" in found:

@@ -57,6 +57,9 @@ class _Target:
 
 
 def _from_denoiser(denoiser, pipeline: str | None) -> _Target:
+    from diffboost.patching import uncompiled
+
+    denoiser = uncompiled(denoiser)
     config = denoiser.config
     kind = type(denoiser).__name__
     preset = getattr(denoiser, PRESET_ATTRIBUTE, None)

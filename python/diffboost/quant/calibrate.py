@@ -176,7 +176,8 @@ def run_calibration(
         return {}
     runs = _runs(target, calibration)
     logger.info("diffboost.quant: calibrating %d layers on %d run(s)", len(layers), len(runs))
-    with torch.no_grad(), collect(layers, max_rows) as stats:
+    # A compiled denoiser runs eagerly here: traced, every recording hook would be a recompilation.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), collect(layers, max_rows) as stats:
         for index, run in enumerate(runs):
             if progress:
                 logger.info("diffboost.quant: calibration run %d/%d", index + 1, len(runs))

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from diffboost.patching import DENOISER_NAMES, _push
+from diffboost.patching import DENOISER_NAMES, _push, uncompiled
 from diffboost.quant.config import W4A4Config
 from diffboost.quant.linear import Int4Linear, W4A4Conv2d, W4A4Linear, W4A16Conv2d, W4A16Linear, is_pointwise_conv
 from diffboost.quant.model import FEATURE, MODEL_ATTR, LayerReport, QuantReport, _quant_entry, _QuantState, module_bytes
@@ -64,11 +64,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _quantized_components(target: Any) -> dict[str, nn.Module]:
     """component -> quantized denoiser (``""`` for a bare model)."""
     if isinstance(target, nn.Module):
+        target = uncompiled(target)
         if not isinstance(getattr(target, MODEL_ATTR, None), QuantReport):
             raise ValueError(f"diffboost.quant.save_quantized: this {type(target).__name__} is not quantized; "
                              "quantize it first (diffboost.quant.quantize or diffboost.patch(..., quant=...))")
         return {"": target}
-    found = {name: getattr(target, name) for name in DENOISER_NAMES
+    found = {name: uncompiled(getattr(target, name)) for name in DENOISER_NAMES
              if isinstance(getattr(getattr(target, name, None), MODEL_ATTR, None), QuantReport)}
     if not found:
         raise ValueError(f"diffboost.quant.save_quantized: no quantized denoiser in {type(target).__name__}")
@@ -236,9 +237,9 @@ def load_quantized(
     if _quant_entry(target) is not None:
         raise ValueError("diffboost.quant.load_quantized: the target is already quantized; load onto a fresh model")
     if isinstance(target, nn.Module):
-        components = {"": target}
+        components = {"": uncompiled(target)}
     else:
-        components = {name: getattr(target, name) for name in DENOISER_NAMES
+        components = {name: uncompiled(getattr(target, name)) for name in DENOISER_NAMES
                       if isinstance(getattr(target, name, None), nn.Module)
                       and os.path.isfile(os.path.join(directory, name, HEADER))}
         if not components:
