@@ -1,4 +1,4 @@
-"""``diffboost.patch(pipe, attention=...)`` on the tiny SD / SDXL / PixArt / FLUX pipelines.
+"""``diffboost.patch(pipe, attention=...)`` on the tiny SD / SDXL / PixArt / FLUX / SD3 pipelines.
 
 In bf16 the fused Triton kernel runs inside every denoiser attention layer (under the interpreter on CPU); in fp32 the
 same processors run through the op's SDPA fallback, which isolates the processors' pre/post-processing: it must match
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import diffboost
-from diffboost.integrations.attention import AttnProcessor, FluxAttnProcessor
+from diffboost.integrations.attention import AttnProcessor, FluxAttnProcessor, JointAttnProcessor
 from diffboost.models import build_denoiser, build_pipeline, example_denoiser_inputs, example_inputs
 from diffboost.ops import dispatch_log
 
-PRESETS = ["tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-flux"]
+PRESETS = ["tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-flux", "tiny-sd3"]
 
 
 def _denoiser_output(model, inputs):
@@ -38,13 +38,13 @@ def test_fp32_processors_match_diffusers(preset):
     inputs = example_denoiser_inputs(model, batch=2)
     reference = _denoiser_output(model, inputs)
     diffboost.patch(model, attention="exact")
-    assert all(type(p) in (AttnProcessor, FluxAttnProcessor) for p in _processors(model).values())
+    assert all(type(p) in (AttnProcessor, FluxAttnProcessor, JointAttnProcessor) for p in _processors(model).values())
     torch.testing.assert_close(_denoiser_output(model, inputs), reference, atol=2e-5, rtol=1e-5)
 
 
 # SDXL's attention layers use the same processor as SD's; in bf16 (Triton under the interpreter on CPU) it would only
 # repeat tiny-sd's check at several times its cost.
-@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-pixart", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-pixart", "tiny-flux", "tiny-sd3"])
 def test_bf16_fused_kernel_close_to_unpatched(preset, device):
     model = build_denoiser(preset, dtype=torch.bfloat16, device=device)
     inputs = example_denoiser_inputs(model, batch=2)

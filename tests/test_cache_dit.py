@@ -164,35 +164,16 @@ def test_bad_configs_name_the_field(make, match):
         make()
 
 
-def tiny_sd3_pipeline():
-    """A tiny SD3 pipeline (joint-attention blocks, the last one context-pre-only) without text encoders."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    from diffboost.models import build_component
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-            pos_embed_max_size=16).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=build_component("tiny-sd", "vae"),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-        tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_sd3_joint_blocks():
-    pipe = tiny_sd3_pipeline()
-    embeds = {name: torch.randn(shape) for name, shape in [
-        ("prompt_embeds", (1, 10, 32)), ("pooled_prompt_embeds", (1, 32)),
-        ("negative_prompt_embeds", (1, 10, 32)), ("negative_pooled_prompt_embeds", (1, 32))]}
+    """SD3.5-style joint blocks (one with the dual attention, the last context-pre-only) under block caching."""
+    from diffboost.models import build_pipeline
+
+    pipe = build_pipeline("tiny-sd3")
 
     def sd3(steps):
-        return pipe(**embeds, height=64, width=64, num_inference_steps=steps, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
+        kwargs = example_inputs(pipe, steps=steps)
+        kwargs["output_type"] = "latent"
+        return pipe(**kwargs).images
 
     reference = sd3(4)
     diffboost.patch(pipe, cache=1)

@@ -20,13 +20,14 @@ from diffboost.models import (
 )
 
 TINY = [name for name in PRESETS if name.startswith("tiny")]
-FULL = ["sd15", "sdxl", "flux", "pixart"]
+FULL = ["sd15", "sdxl", "flux", "pixart", "sd3"]
 
 PIPELINE_CLASSES = {
     "tiny-sd": "StableDiffusionPipeline",
     "tiny-sdxl": "StableDiffusionXLPipeline",
     "tiny-flux": "FluxPipeline",
     "tiny-pixart": "PixArtAlphaPipeline",
+    "tiny-sd3": "StableDiffusion3Pipeline",
     "tiny-sd-controlnet": "StableDiffusionControlNetPipeline",
     "tiny-sd-inpaint": "StableDiffusionInpaintPipeline",
     "tiny-sd-img2img": "StableDiffusionImg2ImgPipeline",
@@ -85,7 +86,7 @@ def test_example_inputs_from_name_match_pipeline():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, from_pipe[key]), (name, key)
     # CFG is on for the pipelines that use it (later tests rely on the doubled batch).
-    for name in ["tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd-controlnet"]:
+    for name in ["tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-sd-controlnet"]:
         assert example_inputs(name)["guidance_scale"] > 1
 
 

@@ -51,7 +51,7 @@ def float_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if type(m) is nn.Linear or is_pointwise_conv(m)}
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-pixart"])
+@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-pixart", "tiny-sd3"])
 def test_pipelines_quantize_and_run(preset):
     from diffboost.models import build_pipeline
 
@@ -74,7 +74,7 @@ def test_pipelines_quantize_and_run(preset):
     assert all(isinstance(after[n], W4A4Conv2d) == isinstance(before[n], nn.Conv2d) for n in expected)
     assert all(isinstance(after[n], W4A16Linear) == (scheme == "w4a16") == (report.layers[n].scheme == "w4a16")
                for n, scheme in schemes.items())
-    if preset == "tiny-flux":  # the DiT with adaLN projections (PixArt modulates with a parameter table)
+    if preset in ("tiny-flux", "tiny-sd3"):  # DiTs with adaLN projections (PixArt modulates with a parameter table)
         assert "w4a16" in schemes.values()
     quantized_params = sum(p.numel() for n in expected for p in before[n].parameters())
     assert report.params_quantized == quantized_params and report.params_total == params_total

@@ -110,10 +110,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", type=_preset, metavar="NAME",
-                        help="embedded architecture with random weights: sd15 (default), sdxl, flux, pixart, tiny, "
-                             "tiny-sdxl, tiny-flux, tiny-pixart, ... (see diffboost.models.PRESETS)")
+                        help="embedded architecture with random weights: sd15 (default), sdxl, flux, pixart, sd3, tiny, "
+                             "tiny-sdxl, tiny-flux, tiny-pixart, tiny-sd3, ... (see diffboost.models.PRESETS)")
     source.add_argument("--model", type=_model_dir, metavar="PATH",
-                        help="a local diffusers pipeline directory (SD 1.x/2.x, SDXL, FLUX, PixArt); nothing is "
+                        help="a local diffusers pipeline directory (SD 1.x/2.x, SDXL, FLUX, PixArt, SD3); nothing is "
                              "downloaded")
     parser.add_argument("--steps", type=_positive_int,
                         help="denoising steps (default: 50 on a GPU, 28 for FLUX; 10 on a CPU)")

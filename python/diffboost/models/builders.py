@@ -24,6 +24,8 @@ _PIPELINE_EXTRAS: dict[str, dict[str, Any]] = {
     "StableDiffusionImg2ImgPipeline": _SD_EXTRAS,
     "FluxPipeline": {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None},
     "PixArtAlphaPipeline": {"text_encoder": None, "tokenizer": None},
+    "StableDiffusion3Pipeline": {f"{part}{suffix}": None for part in ("text_encoder", "tokenizer")
+                                 for suffix in ("", "_2", "_3")},
 }
 
 # Attribute set on every denoiser this module builds, naming its preset, so example_inputs can
@@ -156,10 +158,10 @@ def build_pipeline(
 
     Returns:
         A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline``,
-        ``PixArtAlphaPipeline``, ``StableDiffusionControlNetPipeline``,
+        ``PixArtAlphaPipeline``, ``StableDiffusion3Pipeline``, ``StableDiffusionControlNetPipeline``,
         ``StableDiffusionInpaintPipeline`` or ``StableDiffusionImg2ImgPipeline`` with its
-        progress bar disabled.  SD pipelines have no safety checker; FLUX and PixArt have no text
-        encoders or tokenizers and must be given prompt embeddings (:func:`example_inputs` does).
+        progress bar disabled.  SD pipelines have no safety checker; FLUX, PixArt and SD3 have no
+        text encoders or tokenizers and must be given prompt embeddings (:func:`example_inputs` does).
     """
     import diffusers
 

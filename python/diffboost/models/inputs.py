@@ -31,6 +31,7 @@ _GUIDANCE = {
     "StableDiffusionImg2ImgPipeline": 7.5,
     "StableDiffusionXLPipeline": 5.0,
     "PixArtAlphaPipeline": 4.5,
+    "StableDiffusion3Pipeline": 7.0,
     "FluxPipeline": 3.5,
 }
 # Image-to-image strength; num_inference_steps is scaled by 1/strength so that `steps` denoising
@@ -38,9 +39,10 @@ _GUIDANCE = {
 _IMG2IMG_STRENGTH = 0.5
 # When nothing tells otherwise (a denoiser not built here): the FLUX pipeline's own defaults.
 _FLUX_DEFAULT_RESOLUTION = 1024
-_DEFAULT_TEXT_TOKENS = {"FluxTransformer2DModel": 512, "PixArtTransformer2DModel": 120}
+# SD3: 77 CLIP tokens then 256 T5 tokens (the pipeline's default max_sequence_length).
+_DEFAULT_TEXT_TOKENS = {"FluxTransformer2DModel": 512, "PixArtTransformer2DModel": 120, "SD3Transformer2DModel": 333}
 _VAE_SCALE = 8  # every preset, and every model these pipelines ship with, uses an 8x VAE
-_DENOISERS = ("UNet2DConditionModel", "FluxTransformer2DModel", "PixArtTransformer2DModel")
+_DENOISERS = ("UNet2DConditionModel", "FluxTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
 
 
 @dataclasses.dataclass
@@ -107,6 +109,14 @@ def _prompt_embeddings(target: _Target, batch: int, generator: torch.Generator) 
             "prompt_embeds": randn(batch, tokens, config["joint_attention_dim"]),
             "pooled_prompt_embeds": randn(batch, config["pooled_projection_dim"]),
         }
+    if target.denoiser_class == "SD3Transformer2DModel":
+        # With CFG the pipeline would encode the empty negative prompt, which needs the encoders: pass it too.
+        return {
+            f"{prefix}{name}": randn(batch, *shape)
+            for prefix in ("", "negative_")
+            for name, shape in [("prompt_embeds", (tokens, config["joint_attention_dim"])),
+                                ("pooled_prompt_embeds", (config["pooled_projection_dim"],))]
+        }
     # PixArt: captions are padded to a fixed length and masked, the negative (empty) caption
     # keeps a single valid token, as T5 encodes "" to just </s>.  Prompt lengths vary across the
     # batch so that attention masking is exercised with different patterns per sample.
@@ -148,10 +158,10 @@ def example_inputs(
         A dict with ``output_type="pt"`` (``pipe(**kwargs).images`` is a float tensor of shape
         ``(batch, 3, height, width)`` in ``[0, 1]``), ``num_inference_steps``, a CPU
         ``generator`` (so latents are the same on every device) and ``guidance_scale``
-        (> 1 for SD, SDXL and PixArt, so classifier-free guidance doubles the denoiser batch;
+        (> 1 for SD, SDXL, PixArt and SD3, so classifier-free guidance doubles the denoiser batch;
         FLUX.1's distilled guidance instead).  SD-family pipelines get ``prompt`` strings (encoded
         by the pipeline with the offline tokenizer); FLUX gets random ``prompt_embeds`` /
-        ``pooled_prompt_embeds``; PixArt gets random masked prompt and negative prompt embeddings
+        ``pooled_prompt_embeds``, SD3 the same and their negative counterparts; PixArt gets random masked prompt and negative prompt embeddings
         and ``use_resolution_binning=False`` so that ``height``/``width`` are used as given.
         ControlNet gets a random control ``image``, image-to-image a random init ``image``,
         inpainting a random ``image`` and a ``mask_image`` covering the central square.
@@ -166,7 +176,7 @@ def example_inputs(
         "guidance_scale": _GUIDANCE[target.pipeline],
         "output_type": "pt",
     }
-    if target.pipeline in ("FluxPipeline", "PixArtAlphaPipeline"):
+    if target.pipeline in ("FluxPipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline"):
         kwargs.update(_prompt_embeddings(target, batch, generator))
         if target.pipeline == "PixArtAlphaPipeline":
             # The pipeline's default negative prompt "" may not be combined with embeddings.
@@ -216,6 +226,8 @@ def example_denoiser_inputs(
       (when the model has guidance embeddings).
     * ``PixArtTransformer2DModel``: ``hidden_states``, masked ``encoder_hidden_states``,
       ``timestep`` and ``added_cond_kwargs``.
+    * ``SD3Transformer2DModel``: ``hidden_states``, ``encoder_hidden_states`` (CLIP + T5 tokens),
+      ``pooled_projections`` and a float ``timestep`` in [0, 1000].
     """
     target = _target(denoiser_or_preset)
     if target.denoiser_class not in _DENOISERS:
@@ -247,6 +259,15 @@ def example_denoiser_inputs(
         if config["guidance_embeds"]:
             kwargs["guidance"] = torch.full((batch,), _GUIDANCE["FluxPipeline"], device=device, dtype=dtype)
         return kwargs
+
+    if target.denoiser_class == "SD3Transformer2DModel":
+        embeddings = _prompt_embeddings(target, batch, generator)
+        return {
+            "hidden_states": randn(batch, config["in_channels"], latent_h, latent_w),
+            "encoder_hidden_states": embeddings["prompt_embeds"],
+            "pooled_projections": embeddings["pooled_prompt_embeds"],
+            "timestep": torch.full((batch,), 500.0, device=device, dtype=dtype),  # sigma x 1000, as the pipeline
+        }
 
     timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
     if target.denoiser_class == "PixArtTransformer2DModel":

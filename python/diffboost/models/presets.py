@@ -212,6 +212,29 @@ _TINY_PIXART_TRANSFORMER: dict[str, Any] = {
     "use_additional_conditions": False,
 }
 
+# SD3.5-medium's MMDiT in miniature: 2 joint blocks of 2 heads x 24 with RMS-normed Q/K, the first also with
+# the image-only second attention of the dual-attention (MMDiT-X) layers, the last context-pre-only; 16-channel
+# latents as in SD3. With 64x64 px images joint attention runs over 16 image tokens (8x8 latents, patch 2) + 16
+# text tokens.
+_TINY_SD3_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "SD3Transformer2DModel",
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 24,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 48,
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": [0],
+    "qk_norm": "rms_norm",
+}
+
+_TINY_SD3_VAE: dict[str, Any] = {**_TINY_FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+
 _TINY_SD = {
     "unet": _TINY_SD_UNET,
     "vae": _TINY_VAE,
@@ -285,6 +308,18 @@ _SPECS: dict[str, PresetSpec] = {
         resolution=64,
         text_tokens=_TINY_TEXT_TOKENS,
     ),
+    "tiny-sd3": PresetSpec(
+        "Tiny SD3.5-style MMDiT: 2 joint blocks, 2 heads x 24, QK RMSNorm, one dual-attention block, 16-channel "
+        "VAE, flow-matching Euler; no text encoders (prompt embeddings are passed directly).",
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": _TINY_SD3_TRANSFORMER,
+            "vae": _TINY_SD3_VAE,
+            "scheduler": "sd3/scheduler.json",
+        },
+        resolution=64,
+        text_tokens=_TINY_TEXT_TOKENS,
+    ),
     "sd15": PresetSpec(
         "Stable Diffusion 1.5 architecture with random weights: U-Net (859.5M params), VAE, "
         "CLIP ViT-L/14 text encoder, offline tokenizer, DDIM; 512x512 px.",
@@ -323,6 +358,20 @@ _SPECS: dict[str, PresetSpec] = {
         },
         resolution=1024,
         text_tokens=512,
+    ),
+    "sd3": PresetSpec(
+        "Stable Diffusion 3.5 Medium architecture with random weights: MMDiT-X transformer (24 joint blocks, 24 "
+        "heads x 64, QK RMSNorm, dual attention in the first 13), 16-channel VAE, flow-matching Euler; the CLIP/T5 "
+        "text encoders are omitted (333 random prompt embeddings, 77 CLIP + 256 T5 tokens, are passed directly); "
+        "1024x1024 px.",
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": "sd3/transformer.json",
+            "vae": "sd3/vae.json",
+            "scheduler": "sd3/scheduler.json",
+        },
+        resolution=1024,
+        text_tokens=333,
     ),
     "pixart": PresetSpec(
         "PixArt-alpha XL-2 1024 architecture with random weights: transformer (28 layers, 16 "
