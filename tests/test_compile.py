@@ -102,15 +102,21 @@ def test_unpatch_under_compile_restores_the_compiled_output():
     assert not diffboost.is_patched(pipe)
 
 
-def test_regional_fullgraph_compilation_with_deepcache():
-    """diffusers' regional compilation (the U-Net's transformer blocks, fullgraph) under DeepCache's unit wrappers."""
-    eager = build_pipeline("tiny-sd")
-    diffboost.patch(eager, cache=3)
+@pytest.mark.parametrize("preset, cache", [
+    ("tiny-sd", 3),  # the U-Net's transformer blocks are compiled, DeepCache wraps the blocks around them
+    ("tiny-flux", BlockCacheConfig(mode="first_block", threshold=1e9)),  # the blocks block caching skips
+], ids=["deepcache", "first-block"])
+def test_regional_fullgraph_compilation(preset, cache):
+    """diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``) with caching: the compiled
+    blocks never see the cache's state, so they compile once per block shape."""
+    eager = build_pipeline(preset)
+    diffboost.patch(eager, cache=cache)
     expected = run(eager, 7)
-    pipe = build_pipeline("tiny-sd")
-    pipe.unet.compile_repeated_blocks(backend=BACKEND, fullgraph=True)
-    diffboost.patch(pipe, cache=3)
+    pipe = build_pipeline(preset)
+    getattr(pipe, role(pipe)).compile_repeated_blocks(backend=BACKEND, fullgraph=True)
+    diffboost.patch(pipe, cache=cache)
     torch.testing.assert_close(run(pipe, 7), expected, rtol=1e-5, atol=1e-6)
+    assert diffboost.cache.stats(pipe).partial_steps > 0
     assert 0 < graphs() <= 4
 
 

@@ -11,19 +11,23 @@ block's input, and a skipped stack is that input plus a residual:
   last full step. Samples under the threshold take ``first block output + cached tail residual``; if all of them
   do, the later blocks do not run; if some do, the tail runs for the batch and those samples' outputs (and caches)
   are replaced by the cached ones, so each sample behaves as if it ran alone.
+
+The blocks themselves are never patched: for the duration of a cached call the model's block lists
+(``transformer_blocks``, ``single_transformer_blocks``) hold stand-ins that do the above and call the real blocks
+when they run. Compiled blocks (diffusers' regional compilation) thus never see the cache's state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from diffboost.cache import BlockCacheConfig
-from diffboost.cache.runtime import DenoiserCache, ForwardPatch, StepTracker, eager
+from diffboost.cache.runtime import DenoiserCache, StepTracker, eager
 
 logger = logging.getLogger("diffboost")
 
@@ -119,6 +123,36 @@ def _relative_change(residual: torch.Tensor, reference: torch.Tensor) -> torch.T
     return (residual - reference).abs().mean(1) / reference.abs().mean(1).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+class _Stand(nn.Module):
+    """Takes the place of one transformer block in the model's block list during a cached call.
+
+    The real block is left untouched and called from here when it has to run: under diffusers' regional compilation
+    the blocks stay the compiled units, with none of the cache's state in their graphs, and a whole-model compile
+    sees one fixed module list per caching mode.
+    """
+
+    def __init__(self, cache: BlockCache, block: nn.Module, fmt: BlockFormat, action: str, last: bool) -> None:
+        super().__init__()
+        self.block, self.fmt, self.action, self.last = block, fmt, action, last
+        self.cache = cache
+
+    def forward(self, *args, **kwargs):
+        return self.cache._stand_forward(self, args, kwargs)
+
+
+# What a stand-in does, per mode (first block, middle blocks, last block; a real block where it just runs):
+#   record:     record input | - | run, keep the stack's residual        (uniform, full step)
+#   skip:       input + residual | pass | pass                          (uniform, partial step)
+#   first-full: run, keep first residual | - | run, keep tail residual  (first_block, full step)
+#   probe:      run, decide per sample | gate | gate                    (first_block, other steps)
+_ACTIONS = {
+    _RECORD: ("record", None, "tail"),
+    _SKIP: ("skip", "pass", "pass"),
+    _FIRST_FULL: ("first-full", None, "tail"),
+    _PROBE: ("probe", "gate", "gate"),
+}
+
+
 class BlockCache(DenoiserCache):
     """Block caching (:class:`~diffboost.cache.BlockCacheConfig`) on one transformer denoiser."""
 
@@ -132,6 +166,7 @@ class BlockCache(DenoiserCache):
             raise ValueError(f"BlockCacheConfig.mode='first_block' needs at least 2 transformer blocks; "
                              f"{type(model).__name__} has {len(self.blocks)}")
         self._store: dict[int, dict[str, Any]] = {}  # slot -> cached residuals
+        self._lists: dict[str, dict[str, nn.ModuleList]] = {}  # mode -> block list attribute -> stand-ins
         self._mode = _RUN
         self._state: dict[str, Any] = {}
         self._clear_call()
@@ -153,39 +188,40 @@ class BlockCache(DenoiserCache):
     def full_steps(self, num_steps: int) -> list[bool]:
         return self.config.full_steps(num_steps)
 
-    def install_units(self) -> None:
-        last = len(self.blocks) - 1
-        for index, (block, fmt) in enumerate(self.blocks):
-            make = functools.partial(self._block_forward, index == 0, index == last, fmt)
-            self.patches.append(ForwardPatch(block, make))
-
     def end_call(self) -> None:
         self._store.clear()
 
-    def _block_forward(self, first: bool, last: bool, fmt: BlockFormat,
-                       original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            mode = self._mode
-            if mode is _RUN:
-                return original(*args, **kwargs)
-            if self._skip_rest:
-                return fmt.make(*fmt.inputs(args, kwargs))
-            if not first:
-                out = original(*args, **kwargs)
-                return self._after_last(fmt, out) if last else out
-            streams = fmt.inputs(args, kwargs)
-            if mode is _SKIP:
-                self._skip_rest = self._reused = True
-                return fmt.make(*_add(streams, self._state["residual"]))
-            out = original(*args, **kwargs)
-            if mode is _RECORD:
-                self._first_in = streams
-            else:
-                out = self._after_first(fmt, streams, out)
-            return self._after_last(fmt, out) if last and not self._skip_rest else out
+    def _block_lists(self, mode: str) -> dict[str, nn.ModuleList]:
+        """The model's block lists as ``mode`` runs them (built once per mode, so compiled graphs can be reused)."""
+        if mode not in self._lists:
+            first, middle, last = _ACTIONS[mode]
+            stands, end = [], len(self.blocks) - 1
+            for index, (block, fmt) in enumerate(self.blocks):
+                action = first if index == 0 else last if index == end else middle
+                stands.append(block if action is None else _Stand(self, block, fmt, action, index == end))
+            lists, start = {}, 0
+            for attr in _BLOCK_LISTS:
+                count = len(getattr(self.module, attr, None) or ())
+                if count:
+                    lists[attr] = nn.ModuleList(stands[start:start + count])
+                    start += count
+            self._lists[mode] = lists
+        return self._lists[mode]
 
-        return forward
+    def _stand_forward(self, stand: _Stand, args: tuple, kwargs: dict) -> Any:
+        fmt, action = stand.fmt, stand.action
+        if action == "pass" or (action == "gate" and self._skip_rest):
+            return fmt.make(*fmt.inputs(args, kwargs))
+        if action == "skip":
+            self._skip_rest = self._reused = True
+            return fmt.make(*_add(fmt.inputs(args, kwargs), self._state["residual"]))
+        streams = fmt.inputs(args, kwargs) if action in ("record", "first-full", "probe") else None
+        out = stand.block(*args, **kwargs)
+        if action == "record":
+            self._first_in = streams
+        elif action in ("first-full", "probe"):
+            out = self._after_first(fmt, streams, out)
+        return self._after_last(fmt, out) if stand.last and not self._skip_rest else out
 
     def _after_first(self, fmt: BlockFormat, streams: Streams, out: Any) -> Any:
         """first_block: decide per sample whether the rest of the stack runs."""
@@ -242,10 +278,14 @@ class BlockCache(DenoiserCache):
         if state is None or mode is _RUN:
             state = self._store[slot] = {}
         self._mode, self._state = mode, state
+        lists = {} if mode is _RUN else self._block_lists(mode)
+        blocks = {attr: self.module._modules[attr] for attr in lists}
+        self.module._modules.update(lists)  # for this call only: the stand-ins of this mode
         try:
             out = self.run_full(original, args, kwargs) if forced else original(*args, **kwargs)
             self.report(step, args, kwargs, reused=self._reused, skipped=self._skip_rest)
         finally:
+            self.module._modules.update(blocks)
             self._mode, self._state = _RUN, {}
             self._clear_call()
         return out
