@@ -90,6 +90,20 @@ def test_example_inputs_from_name_match_pipeline():
         assert example_inputs(name)["guidance_scale"] > 1
 
 
+def test_pixart_sigma_pipeline_gets_inputs():
+    """PixArt-Sigma (e.g. ``diffboost bench --model`` on a local PixArt-Sigma pipeline) takes PixArt-alpha's inputs."""
+    import diffusers
+
+    alpha = _pipe("tiny-pixart")
+    sigma = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=alpha.vae,
+                                          transformer=alpha.transformer, scheduler=alpha.scheduler)
+    sigma.set_progress_bar_config(disable=True)
+    kwargs = example_inputs(sigma, batch=2)
+    assert kwargs["guidance_scale"] > 1 and kwargs["prompt_attention_mask"].shape[0] == 2
+    images = sigma(**kwargs).images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
 def test_img2img_runs_requested_steps():
     pipe = _pipe("tiny-sd-img2img")
     calls = []

@@ -17,9 +17,10 @@ import torch
 __all__ = ["add_bench_parser", "run"]
 
 DEFAULT_PRESET = "sd15"
-#: GPU defaults are the model's native resolution and these steps; FLUX.1-dev is usually sampled with 28.
+#: GPU defaults are the model's native resolution and these steps; FLUX.1-dev and SD3 are usually sampled with 28
+#: (the default of their pipelines).
 GPU_STEPS = 50
-GPU_STEPS_BY_PIPELINE = {"FluxPipeline": 28}
+GPU_STEPS_BY_PIPELINE = {"FluxPipeline": 28, "StableDiffusion3Pipeline": 28}
 #: On a CPU a model runs with this many steps and, above TINY_MAX_RESOLUTION, at a quarter of its native
 #: resolution (SD 1.5: 128 px), so the default run of every variant finishes in a few minutes: SD 1.5's U-Net at
 #: 256 px already takes 4-17 s per step on 2 cores.
@@ -116,7 +117,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="a local diffusers pipeline directory (SD 1.x/2.x, SDXL, FLUX, PixArt, SD3); nothing is "
                              "downloaded")
     parser.add_argument("--steps", type=_positive_int,
-                        help="denoising steps (default: 50 on a GPU, 28 for FLUX; 10 on a CPU)")
+                        help="denoising steps (default: 50 on a GPU, 28 for FLUX and SD3; 10 on a CPU)")
     parser.add_argument("--size", type=_size, metavar="N|HxW",
                         help="image size in px, a multiple of 8 (default: the model's; on a CPU, a quarter of it "
                              "above 128 px)")

@@ -31,9 +31,12 @@ _GUIDANCE = {
     "StableDiffusionImg2ImgPipeline": 7.5,
     "StableDiffusionXLPipeline": 5.0,
     "PixArtAlphaPipeline": 4.5,
+    "PixArtSigmaPipeline": 4.5,
     "StableDiffusion3Pipeline": 7.0,
     "FluxPipeline": 3.5,
 }
+# PixArt-alpha and -Sigma pipelines share the transformer class and the call signature.
+_PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 # Image-to-image strength; num_inference_steps is scaled by 1/strength so that `steps` denoising
 # steps actually run.
 _IMG2IMG_STRENGTH = 0.5
@@ -161,8 +164,9 @@ def example_inputs(
         (> 1 for SD, SDXL, PixArt and SD3, so classifier-free guidance doubles the denoiser batch;
         FLUX.1's distilled guidance instead).  SD-family pipelines get ``prompt`` strings (encoded
         by the pipeline with the offline tokenizer); FLUX gets random ``prompt_embeds`` /
-        ``pooled_prompt_embeds``, SD3 the same and their negative counterparts; PixArt gets random masked prompt and negative prompt embeddings
-        and ``use_resolution_binning=False`` so that ``height``/``width`` are used as given.
+        ``pooled_prompt_embeds``, SD3 the same and their negative counterparts; PixArt (alpha and
+        Sigma) gets random masked prompt and negative prompt embeddings and
+        ``use_resolution_binning=False`` so that ``height``/``width`` are used as given.
         ControlNet gets a random control ``image``, image-to-image a random init ``image``,
         inpainting a random ``image`` and a ``mask_image`` covering the central square.
     """
@@ -176,9 +180,9 @@ def example_inputs(
         "guidance_scale": _GUIDANCE[target.pipeline],
         "output_type": "pt",
     }
-    if target.pipeline in ("FluxPipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline"):
+    if target.pipeline in ("FluxPipeline", *_PIXART_PIPELINES, "StableDiffusion3Pipeline"):
         kwargs.update(_prompt_embeddings(target, batch, generator))
-        if target.pipeline == "PixArtAlphaPipeline":
+        if target.pipeline in _PIXART_PIPELINES:
             # The pipeline's default negative prompt "" may not be combined with embeddings.
             kwargs["negative_prompt"] = None
             kwargs["use_resolution_binning"] = False
