@@ -91,6 +91,22 @@ def test_compiled_and_patched_matches_eager(preset, features, order, backend):
     assert diffboost.cache.stats(pipe).partial_steps > 0
 
 
+@pytest.mark.parametrize("compile_first", [True, False])
+def test_caching_a_fullgraph_compiled_denoiser_says_what_to_do(compile_first):
+    pipe = build_pipeline("tiny-flux")
+    if compile_first:
+        pipe.transformer = torch.compile(pipe.transformer, backend=BACKEND, fullgraph=True)
+    diffboost.patch(pipe, cache=2)
+    if not compile_first:
+        pipe.transformer = torch.compile(pipe.transformer, backend=BACKEND, fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"transformer cannot be compiled whole with fullgraph=True.*"
+                                           r"compile_repeated_blocks"):
+        run(pipe, 2)
+    assert graphs() == 0  # refused before anything ran
+    pipe.transformer = torch.compile(uncompiled(pipe.transformer), backend=BACKEND)
+    run(pipe, 2)  # the same patch works once compiled without fullgraph
+
+
 def test_unpatch_under_compile_restores_the_compiled_output():
     pipe = build_pipeline("tiny-flux")
     pipe.transformer = torch.compile(pipe.transformer, backend=BACKEND)

@@ -180,6 +180,7 @@ class StepTracker:
     # -- one pipeline call ---------------------------------------------------------------------------------------
     def begin_call(self) -> None:
         """Start a pipeline call: fresh state, and count the scheduler's steps."""
+        self._check_not_fullgraph()
         self._reset()
         self.active = True
         scheduler = getattr(self.pipe, "scheduler", None)
@@ -203,6 +204,17 @@ class StepTracker:
         self.pipe.__dict__["_num_timesteps"] = None
         for cache in self.caches:
             cache.begin_call()
+
+    def _check_not_fullgraph(self) -> None:
+        """Refuse, before anything runs, a cached denoiser compiled whole with ``fullgraph=True``: the per-step
+        bookkeeping is a graph break by design, and Dynamo's own error would not say so."""
+        for cache in self.caches:
+            component = getattr(self.pipe, cache.name, None)
+            if getattr(getattr(component, "dynamo_ctx", None), "fullgraph", False):
+                raise RuntimeError(
+                    f"diffboost: cache= runs its per-step bookkeeping outside torch.compile graphs, so the pipeline's "
+                    f"{cache.name} cannot be compiled whole with fullgraph=True; compile it without fullgraph, or "
+                    f"compile its blocks (pipe.{cache.name}.compile_repeated_blocks(fullgraph=True))")
 
     def end_call(self) -> None:
         """End a pipeline call (normally or by an exception): restore the scheduler, keep the stats, drop caches."""
