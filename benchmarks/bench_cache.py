@@ -1,7 +1,7 @@
 """Step-cached execution benchmark: time per image of whole pipelines, uncached vs diffboost's caches vs DeepCache.
 
     python -m benchmarks.bench_cache [--models sd15,sdxl,flux] [--quick] [--out benchmarks/results]
-                                     [--device auto|cuda|cpu] [--threads N]
+                                     [--device auto|cuda|cpu] [--threads N] [--compile [BACKEND]]
 
 One harness group per model, each a whole text-to-image pipeline with random weights (offline presets), batch 1:
 
@@ -17,6 +17,12 @@ One harness group per model, each a whole text-to-image pipeline with random wei
 Each row carries ``macs_skipped`` (diffboost's counted fraction, :func:`diffboost.cache.stats`), the steps run
 fully / partially, fidelity to the uncached image of the same seed (``psnr_db``, ``max_abs_diff``; images in
 [0, 1]) and, on CUDA, ``peak_mem_gib``. Everything in a group shares one pipeline; the cases patch and unpatch it.
+
+``--compile`` runs every case with the denoiser under ``torch.compile`` (whole, default mode; Inductor unless a
+backend is named), compiled before patching as a user would; the untimed first call of each case compiles it (Dynamo's
+cache is reset between cases, so no case inherits another's graphs). The ``DeepCache`` package rows are skipped
+then: it patches the U-Net's methods and does not look inside a compiled wrapper. Results go to their own file
+(``cache-compile...``).
 
 ``--quick`` on a CPU runs the same cases on the tiny presets (8 steps, float32) in well under a minute; on CUDA it
 keeps the real models and shortens the timing.
@@ -91,8 +97,9 @@ def _cache_configs(unet: bool) -> list[tuple[str, Any]]:
 class Group:
     """The pipeline one group's cases share, the uncached reference image, and how to undo the current patch."""
 
-    def __init__(self, preset: str, steps: int, dtype: torch.dtype, device: str) -> None:
+    def __init__(self, preset: str, steps: int, dtype: torch.dtype, device: str, compile_backend: str | None) -> None:
         self.preset, self.steps, self.dtype, self.device = preset, steps, dtype, device
+        self.compile_backend = compile_backend
         self._pipe = None
         self.undo: Callable[[], None] | None = None
         self.reference: torch.Tensor | None = None
@@ -103,6 +110,9 @@ class Group:
             from diffboost.models import build_pipeline
 
             self._pipe = build_pipeline(self.preset, dtype=self.dtype, device=self.device)
+            if self.compile_backend is not None:
+                role = "unet" if hasattr(self._pipe, "unet") else "transformer"
+                setattr(self._pipe, role, torch.compile(getattr(self._pipe, role), backend=self.compile_backend))
         return self._pipe
 
     def prepare(self, apply: Callable[[Any], Callable[[], None] | None], cached: bool) -> Callable[[], torch.Tensor]:
@@ -110,6 +120,8 @@ class Group:
         if self.undo is not None:
             self.undo()
             self.undo = None
+        if self.compile_backend is not None:
+            torch._dynamo.reset()  # this case compiles its own graphs in its untimed first call
         pipe = self.pipe()
         self.undo = apply(pipe)
         self.cached = cached
@@ -164,6 +176,8 @@ def apply_deepcache_package(interval: int, branch: int) -> Callable[[Any], Calla
     """The ``DeepCache`` package's helper at the same settings; a skipped row when it is not installed."""
 
     def apply(pipe):
+        if isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
+            raise SkipCase(f"{DEEPCACHE_PACKAGE} patches the U-Net's methods, not inside a torch.compile wrapper")
         try:
             from DeepCache import DeepCacheSDHelper
         except ImportError as exc:
@@ -176,15 +190,16 @@ def apply_deepcache_package(interval: int, branch: int) -> Callable[[Any], Calla
     return apply
 
 
-def build_cases(models: Sequence[str], quick_cpu: bool, dtype: torch.dtype,
-                device: str) -> list[tuple[Model, list[Case]]]:
-    """The cases of each model's group, uncached first (its image is every other row's fidelity reference)."""
+def build_cases(models: Sequence[str], quick_cpu: bool, dtype: torch.dtype, device: str,
+                compile_backend: str | None = None) -> list[tuple[Model, list[Case]]]:
+    """The cases of each model's group, uncached first (its image is every other row's fidelity reference);
+    ``compile_backend``: run the denoiser under ``torch.compile`` with this backend."""
     groups = []
     for key in models:
         model = MODELS[key]
         preset = model.quick_preset if quick_cpu else model.preset
         steps = QUICK_STEPS if quick_cpu else model.steps
-        group = Group(preset, steps, dtype, device)
+        group = Group(preset, steps, dtype, device, compile_backend)
         resolution = 64 if quick_cpu else 1024 if key in ("sdxl", "flux") else 512
         name = f"{key}-{preset}-{resolution}px-{steps}steps"
         common = dict(group=name, device=device, dtype=str(dtype).removeprefix("torch."),
@@ -195,6 +210,8 @@ def build_cases(models: Sequence[str], quick_cpu: bool, dtype: torch.dtype,
             def make_fn(apply=apply, cached=cached, group=group):
                 return group.prepare(apply, cached)
 
+            if compile_backend is not None:
+                params = {**params, "compile": compile_backend}
             return Case(name=label, make_fn=make_fn, baseline=baseline, params={"preset": preset, **params}, **common)
 
         cases = [case("uncached", apply_nothing, False, {"impl": "diffusers"}, baseline=True)]
@@ -212,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cache", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated of sd15,sdxl,flux")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="run the denoiser under torch.compile (default backend: inductor)")
     add_common_arguments(
         parser, quick_help="short timing; without CUDA also the tiny presets (the only mode that runs on CPU)"
     )
@@ -224,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quick_cpu = device == "cpu"
     dtype = torch.float32 if quick_cpu else torch.bfloat16
-    rows, name = [], results_name("cache", models, DEFAULT_MODELS)
-    for model, cases in build_cases(models, quick_cpu, dtype, device):
+    rows, name = [], results_name("cache-compile" if args.compile else "cache", models, DEFAULT_MODELS)
+    for model, cases in build_cases(models, quick_cpu, dtype, device, args.compile):
         if quick_cpu:
             timing = CPU_QUICK_TIMING
         else:

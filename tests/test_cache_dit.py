@@ -212,3 +212,14 @@ def test_bench_cache_quick_runs_end_to_end(tmp_path):
     assert rows[0]["metrics"]["max_abs_diff"] == 0
     assert rows[2]["metrics"]["macs_skipped"] > rows[1]["metrics"]["macs_skipped"] > 0
     assert rows[2]["metrics"]["partial_steps"] == 5  # 8 steps, full at 0, 3, 6
+
+    # --compile: the same rows with the transformer under torch.compile (Dynamo's eager backend: Inductor's CPU code
+    # generation would take minutes), the same images, in a file of their own.
+    assert bench_cache.main(["--quick", "--device", "cpu", "--models", "flux", "--out", str(tmp_path),
+                             "--compile", "eager"]) == 0
+    (path,) = tmp_path.glob("cache-compile-flux-quick-*.json")
+    compiled = json.loads(path.read_text())["rows"]
+    assert [row["name"] for row in compiled] == [row["name"] for row in rows]
+    assert all(row["status"] == "ok" and row["params"]["compile"] == "eager" for row in compiled)
+    for eager_row, compiled_row in zip(rows, compiled):
+        assert compiled_row["metrics"] == pytest.approx(eager_row["metrics"], rel=1e-5, abs=1e-6)
