@@ -55,11 +55,11 @@ CASES = [
     # calibrated through the compiled module (compiled first) with AOTAutograd, whose graphs call the ops' fake
     # implementations; block caching on a DiT. Dynamo's own backend elsewhere: tracing is what is tested, and the
     # tiny models' tracing already takes seconds.
-    ("tiny-sd", dict(attention="exact", cache=3), "compile-then-patch", "eager"),
-    ("tiny-sd", dict(attention="exact", cache=3), "patch-then-compile", "eager"),
+    ("tiny-sd", dict(attention="exact", cache=3), "compile-then-patch", BACKEND),
+    ("tiny-sd", dict(attention="exact", cache=3), "patch-then-compile", BACKEND),
     ("tiny-flux", dict(quant=W4A4Config(rank=16), calibration=lambda pipe: run(pipe, 2), cache=BlockCacheConfig(interval=2)),
      "compile-then-patch", "aot_eager"),
-    ("tiny-flux", dict(cache=BlockCacheConfig(interval=2)), "patch-then-compile", "eager"),
+    ("tiny-flux", dict(cache=BlockCacheConfig(interval=2)), "patch-then-compile", BACKEND),
 ]
 
 

@@ -14,11 +14,9 @@
 #include <cstdint>
 
 #include "cpu/cpu_features.h"
+#include "cpu/dtype.h"
 
 namespace diffboost::cpu::w4a16 {
-
-// dtypes of x and of the output, as the Python wrapper passes them.
-enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // Writes the [n, k] weight to `out` (fp32, row-major):
 // out[r][c] = q[r][c] * scales[c / group][r], rounded to bf16 if round_bf16,

@@ -19,11 +19,9 @@
 #include <stdint.h>
 
 #include "cpu/bf16.h"
+#include "cpu/dtype.h"
 
 namespace diffboost::cpu::w4a4 {
-
-// dtypes of x and of the output, as the Python wrapper passes them.
-enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // Rows of one GEMM tile: the unit of the fp32 result tile and of the epilogue.
 constexpr int64_t kTileM = 64;
