@@ -1,7 +1,7 @@
 """Weight-only INT4 linear (W4A16) in Triton; layout and arithmetic in :mod:`diffboost.ops.w4a16`.
 
 Each program owns a ``BLOCK_M x BLOCK_N`` output tile and walks K one group at a time. Per group the weight tile's
-nibbles are sign-extended in registers (as in :mod:`diffboost.kernels.w4a4`), multiplied by the group's scale in
+nibbles are sign-extended in registers and interleaved back into channel order, multiplied by the group's scale in
 fp32 (exact) and rounded to x's dtype: the dequantized tile feeds an ordinary 16-bit tensor-core dot with fp32
 accumulation. The dequantization costs ``BLOCK_N x G`` operations per group, shared by the tile's ``BLOCK_M`` rows,
 so large-M layers can run close to a 16-bit GEMM while reading a quarter of its weight bytes; one-row layers (adaLN
@@ -17,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a4 import _INTERPRET, _round_to, _tile_indices, _unpack_int4
+from .w4a4 import _INTERPRET, _round_to, _tile_indices
+
+
+@triton.jit
+def _unpack_int4(packed, ROWS: tl.constexpr, G: tl.constexpr):
+    """``uint8 [ROWS, G/2]`` packed nibbles to ``int8 [ROWS, G]`` in channel order (x is in channel order)."""
+    b = packed.to(tl.int8, bitcast=True)
+    lo = (b << 4) >> 4  # arithmetic shifts sign-extend the nibble
+    hi = b >> 4
+    return tl.reshape(tl.join(lo, hi), [ROWS, G])
 
 
 @triton.jit

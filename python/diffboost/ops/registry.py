@@ -93,6 +93,9 @@ class Backend:
         needs: runtime pieces required: ``"triton"``, ``"_C"``, ``"_C.cuda"``.
         min_capability: minimum CUDA compute capability ``(major, minor)``, checked on CUDA devices.
         check: op-specific validation, called with the op's arguments; returns reasons it cannot run them.
+        auto_below_capability: ``(capability, why)``: automatic dispatch passes this backend over on CUDA devices
+            of at least that compute capability, where a later backend was measured faster (``why`` says so);
+            ``backend=name`` still runs it there.
         description: one line for ``diffboost info``.
     """
 
@@ -103,6 +106,7 @@ class Backend:
     needs: tuple[str, ...] = ()
     min_capability: tuple[int, int] | None = None
     check: Callable[..., list[str]] | None = None
+    auto_below_capability: tuple[tuple[int, int], str] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -128,6 +132,17 @@ class Backend:
                 want = "%d.%d" % self.min_capability
                 reasons.append(f"needs compute capability >= {want}, device has {cap[0]}.{cap[1]}")
         return tuple(reasons)
+
+    def passed_over(self, device: torch.device) -> list[str]:
+        """Why automatic dispatch skips this backend on ``device`` although it can run there (see
+        ``auto_below_capability``)."""
+        if self.auto_below_capability is None or device.type != "cuda" or not torch.cuda.is_available():
+            return []
+        (major, minor), why = self.auto_below_capability
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (major, minor):
+            return []
+        return [f"passed over on compute capability {cap[0]}.{cap[1]} >= {major}.{minor}: {why}"]
 
     def why_not(self, device: torch.device, dtype: torch.dtype, *args: Any, **kwargs: Any) -> list[str]:
         """All reasons this backend cannot run these inputs; an empty list means it can."""
@@ -203,29 +218,36 @@ class Op:
             self._record(chosen, device, dtype, ())
             return chosen
         skipped: list[tuple[str, tuple[str, ...]]] = []
+        unable = False  # whether a faster backend was skipped because it cannot run (not merely passed over)
         for candidate in self.backends:
             reasons = candidate.why_not(device, dtype, *args, **kwargs)
+            unable = unable or bool(reasons)
+            reasons = reasons or candidate.passed_over(device)
             if not reasons:
-                self._record(candidate, device, dtype, tuple(skipped))
+                self._record(candidate, device, dtype, tuple(skipped), unable)
                 return candidate
             skipped.append((candidate.name, tuple(reasons)))
         lines = "\n".join(f"  {name}: {'; '.join(r)}" for name, r in skipped)
         raise BackendUnavailableError(f"{self.name}: no backend can run these inputs:\n{lines}")
 
-    def _record(self, chosen: Backend, device: torch.device, dtype: torch.dtype, skipped: tuple) -> None:
+    def _record(
+        self, chosen: Backend, device: torch.device, dtype: torch.dtype, skipped: tuple, unable: bool = False
+    ) -> None:
         key = (self.name, chosen.name, device.type, dtype, skipped)
         with _dispatch_lock:
             first = key not in _dispatch_log
             _dispatch_log[key] = _dispatch_log.get(key, 0) + 1
         if first and skipped:
             why = "; ".join(f"{name}: {', '.join(r)}" for name, r in skipped)
-            # On a GPU a skipped fast path is news the user should see; on CPU it is the expected state of affairs.
-            level = logging.WARNING if device.type == "cuda" else logging.INFO
+            # On a GPU a fast path that cannot run is news the user should see; on CPU it is the expected state of
+            # affairs, and a backend passed over for a faster one is no loss.
+            level = logging.WARNING if device.type == "cuda" and unable else logging.INFO
             logger.log(level, "%s on %s/%s runs %r (%s)", self.name, device.type, dtype, chosen.name, why)
 
     def explain(self, device: torch.device) -> list[tuple[str, list[str]]]:
-        """Per backend, the environment reasons it cannot run on ``device`` (input-independent part of why_not)."""
-        return [(b.name, b.environment_reasons(device)) for b in self.backends]
+        """Per backend, the environment reasons it cannot run on ``device`` (input-independent part of why_not),
+        or why automatic dispatch passes it over there."""
+        return [(b.name, b.environment_reasons(device) or b.passed_over(device)) for b in self.backends]
 
 
 _ops: dict[str, Op] = {}

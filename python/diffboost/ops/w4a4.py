@@ -28,9 +28,9 @@ GEMM: ``out = sum_g (qx_g . qw_g) * (ascale_g * wscale_g) + lr @ lora_up + bias`
 the up-projection (the 16-bit tensor-core path of the kernels), output in x's dtype. Backends differ from each
 other only by the order of the fp32 sums.
 
-Backends, in priority order: ``cuda`` (GEMM only: ``_C``, mma.sync INT4 on sm80-89, INT8 on sm90), ``cpu`` (``_C``,
-AVX-512 VNNI / AVX2 / scalar, multithreaded), ``triton`` (``kernels/w4a4.py``, INT8 tensor-core dots), ``reference``.
-On a GPU the activation pass runs in Triton.
+Backends, in priority order: ``cuda`` (GEMM only: ``_C``, mma.sync INT4 on sm80-89, INT8 on sm90, where automatic
+dispatch prefers ``triton``), ``cpu`` (``_C``, AVX-512 VNNI / AVX2 / scalar, multithreaded), ``triton``
+(``kernels/w4a4.py``, INT8 tensor-core dots), ``reference``. On a GPU the activation pass runs in Triton.
 """
 
 from __future__ import annotations
@@ -352,6 +352,9 @@ W4A4_GEMM_OP.register(
         needs=("_C.cuda",),
         min_capability=(8, 0),
         check=_cuda_check,
+        # Hopper has no INT4 tensor cores; there Triton's wgmma kernel beat this one's mma.sync INT8 path at every
+        # shape of bench_w4a4 (H100, session 3: GEMM alone 7-25% faster).
+        auto_below_capability=((9, 0), "the Triton kernel (wgmma) is faster on Hopper (bench_w4a4, H100)"),
         description="CUDA W4A4 GEMM: mma.sync INT4 (sm80-89) / INT8 (sm90+), fp32 group scaling, fused epilogue",
     )
 )
