@@ -7,18 +7,26 @@ Head dims. Tensor-core dots need power-of-two tiles of at least 16 along the red
 diffusion models are often not powers of two (SD 1.5: 40/80/160, PixArt: 72). Padding 80 to 128 or 160 to 256
 wastes a third of the work, so the head dim is split into a power-of-two main part ``D0`` (columns ``[0, D0)``) and
 a power-of-two tail ``D1`` that covers the *last* ``D1`` columns, ``[D - D1, D)``: 80 = 64 + 16, 160 = 128 + 32,
-72 = 64 + 16 (8 columns overlap), 40 = 32 + 16 (8 overlap). Every dot is done once per part and the output has two
-accumulators. Overlapped columns are zeroed in Q's tail (registers, once per program), so they count once in
-``Q K^T``; the tail's output is stored before the main part's, which then overwrites the overlap. The tail is thus
-read without any column mask: Triton 3.6 on Hopper miscompiles column-masked loads of such a tail for some tile
-shapes (wrong values and out-of-bounds reads; seen on an H100 with 40 = 32 + 16[8 masked] and BLOCK_N >= 64).
-Head dims below the smallest dot width (8) use one masked part.
+112 = 64 + 64 (16 columns overlap). Every dot is done once per part and the output has two accumulators.
+Overlapped columns are zeroed in Q's tail (registers, once per program), so they count once in ``Q K^T``; the
+tail's output is stored before the main part's, which then overwrites the overlap. The tail is thus read without
+any column mask.
+
+Head dims that are not multiples of 16 (40 and 72 among diffusion models) are zero-padded to the next one, in copies
+of Q, K and V made by the launcher, and the output is copied back: 40 runs as 48 = 32 + 16, 72 as 80 = 64 + 16. The
+dots do the same work as a split of 40 into 32 + 16 columns with 8 overlapping, but such a tail starts off a
+16-column boundary, and Triton 3.6 on an H100 miscompiled it (wrong values and illegal memory accesses) with key
+tiles of 64 or more, and also its column-masked variant. Those head dims therefore ran 32-key tiles, which compiled
+for sm_90 to 8.5 (40) and 10.7 (72) instructions per key and warp, against 5.5 and 6.1 for the padded kernel with
+64-key tiles (``python -m benchmarks.kernel_report``); the copies cost about four extra passes over Q, K and V.
+On the INT8 path, whose dots are at least 32 deep, head dims 8 and 16 have a masked main part of 32 instead.
 
 INT8 path. The mean of K over tokens is subtracted (softmax is invariant to adding a constant to a row of scores,
 and it removes the channel offsets that make K hard to quantize); K is quantized per token in a pre-pass
-(:func:`quantize_k`, which writes K's two parts side by side), Q per token inside the attention kernel while its tile is resident. ``Q K^T`` runs on INT8
-tensor cores with INT32 accumulation and is rescaled by the two per-token scales in fp32; ``P V`` stays in 16-bit
-with fp32 accumulation.
+(:func:`quantize_k`, which writes K's two parts side by side), Q per token inside the attention kernel while its
+tile is resident. ``Q K^T`` runs on INT8 tensor cores with INT32 accumulation; the scores are converted to fp32
+exactly with an integer add and a float subtract and scaled by K's per-token scales, and Q's per-row scales join
+the softmax scale in exp2's argument. ``P V`` stays in 16-bit with fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -30,7 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch_first_fitting, sm_count
+
 LOG2E = 1.4426950408889634
+# 1.5 * 2^23 and its bit pattern: (i + bits) read as fp32, minus the value, is the integer i exactly for |i| < 2^22.
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+_ROUND_MAGIC_BITS = tl.constexpr(0x4B400000)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -49,28 +62,26 @@ def split_head_dim(head_dim: int, min_tail: int = 16) -> tuple[int, int]:
     return main, max(triton.next_power_of_2(rest), min_tail)
 
 
-def _tail_misaligned(d: int, d1: int) -> bool:
-    """Whether the tail starts at a column that is not a multiple of 16 (head dims 40, 72, ...).
+def _heuristic_configs(d_total: int, programs: int, sm_count: int) -> list[triton.Config]:
+    """Launch configs chosen from the tile shape alone (no tuning run; see ``DIFFBOOST_AUTOTUNE``), best first: the
+    others use less shared memory, for GPUs where the first does not fit (see ``launch_first_fitting``).
 
-    Triton 3.6 on an H100 produced wrong results and illegal memory accesses for such tails with key tiles of 64 or
-    more (every warp/stage setting we tried), and correct ones with 32-key tiles; so those head dims get 32-key tiles
-    until the cause is found.
+    ``programs`` is the number of 128-row query tiles over batch and heads: when that does not fill the GPU once
+    (SD 1.5's 256-token level: 32 tiles for 132 SMs), 64-row tiles double the programs. 64-key tiles everywhere:
+    compiled for sm_90 they take 1.2-1.5x fewer instructions per key than 32-key tiles (kernel_report), without
+    spills up to head dim 256.
     """
-    return d1 > 0 and (d - d1) % 16 != 0
-
-
-def _heuristic_config(d: int, d0: int, d1: int, lq: int) -> triton.Config:
-    """A launch config chosen from the tile shape alone (no tuning run); see ``DIFFBOOST_AUTOTUNE``."""
     if _INTERPRET:  # the interpreter pays per program and per op, not per FLOP: few, large tiles
-        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
-    d_total = d0 + d1
-    block_m = 128 if lq > 64 else 64
-    warps = 8 if block_m == 128 else 4
-    if _tail_misaligned(d, d1):
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 32}, num_warps=warps, num_stages=3)
-    if d_total <= 128:
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=warps, num_stages=3)
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    block_m, warps = (128, 8) if programs >= sm_count else (64, 4)
+    stages = 3 if d_total <= 128 else 2  # num_stages=1 gave wrong results on Hopper with split head dims (Triton 3.6)
+    configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=warps, num_stages=stages)]
+    if stages > 2:
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=warps, num_stages=2))
+    configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": 32}, num_warps=warps, num_stages=2))
+    if block_m == 128:
+        configs.append(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2))
+    return configs
 
 
 def _tuning_configs():
@@ -90,12 +101,9 @@ def _prune(configs, named_args, **kwargs):
     short sequences (a 128-row Q tile for a single query)."""
     d_total = kwargs["D0"] + kwargs["D1"]
     lq, lk = named_args["Lq"], named_args["Lk"]
-    misaligned = _tail_misaligned(kwargs["D"], kwargs["D1"])
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if misaligned and bn > 32:
-            continue
         if c.num_stages < 2:  # num_stages=1 gave wrong results on Hopper with split head dims (Triton 3.6)
             continue
         if d_total > 128 and (bn > 64 or (bm == 128 and c.num_warps < 8)):
@@ -155,11 +163,16 @@ def _attn_tile(
             k_scale = tl.load(ks_base + offs_n)
         else:
             k_scale = tl.load(ks_base + offs_n, mask=col_ok, other=0.0)
-        s = s.to(tl.float32) * (q_scale[:, None] * k_scale[None, :])  # already in the scaled log2 domain
-        scale = 1.0
+        # INT32 to fp32 by an integer add and a float subtract, exact for |s| <= 127^2 * 256 < 2^22: the conversion
+        # instruction would share the quarter-rate pipe with exp2. K's per-token scale is applied here, Q's per-row
+        # scale (which carries qk_scale) with the rows' max and in exp2's argument below, as qk_scale is.
+        s = ((s + _ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) - _ROUND_MAGIC) * k_scale[None, :]
+        scale = q_scale[:, None]
+        row_scale = q_scale
     else:
         # Scaling is folded into exp2's argument below (one FMA per score instead of a multiply and a subtract).
         scale = qk_scale
+        row_scale = qk_scale
 
     if MASK_KIND != 0:
         m_ptrs = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
@@ -170,13 +183,14 @@ def _attn_tile(
         else:
             s = s * scale + tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
             scale = 1.0
+            row_scale = 1.0
     if not EVEN:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
 
     # -inf stays -inf under the positive scale (the op requires scale > 0 for this kernel).
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)
     # A row that has seen only masked keys keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_shift)
@@ -239,7 +253,7 @@ def _attn_fwd_kernel(
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
-    # Only head dims below the smallest dot width (D = 8) have masked columns in the main part.
+    # Only head dims below the smallest dot width (16 on the INT8 path) have masked columns in the main part.
     if D0 > D:
         col0_ok = offs_d0 < D
     else:
@@ -453,7 +467,22 @@ def attention_fwd(
     Inputs are validated by the caller (:mod:`diffboost.ops.attention`): ``q``/``k``/``v``/``out`` are
     ``(B, H, L, D)`` with any strides on one CUDA device (or CPU under the interpreter), same 16-bit or fp32 dtype,
     ``mask`` is ``None`` or already expanded (stride-0 broadcast is fine) to ``(B, H, Lq, Lk)``, boolean or float.
+    Head dims that are not multiples of 16 run on zero-padded copies (module docstring).
     """
+    d = q.shape[-1]
+    if d % 16:
+        width = d + 16 - d % 16
+        padded = [torch.nn.functional.pad(t, (0, width - d)) for t in (q, k, v)]
+        out_padded = torch.empty_like(padded[0])
+        _attention_fwd(*padded, out_padded, mask=mask, is_causal=is_causal, scale=scale, int8=int8,
+                       smooth_k=smooth_k, lse=lse)
+        out.copy_(out_padded[..., :d])
+    else:
+        _attention_fwd(q, k, v, out, mask=mask, is_causal=is_causal, scale=scale, int8=int8, smooth_k=smooth_k,
+                       lse=lse)
+
+
+def _attention_fwd(q, k, v, out, *, mask, is_causal, scale, int8, smooth_k, lse) -> None:
     b, h, lq, d = q.shape
     lk = k.shape[2]
     mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
@@ -478,25 +507,23 @@ def attention_fwd(
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
 
-    if AUTOTUNE:
-        kernel, launch = _attn_fwd_tuned, {}
-    else:
-        config = _heuristic_config(d, d0, d1, lq)
-        kernel = _attn_fwd_kernel
-        launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    kernel[grid](
+    args = (
         q, k_arg, v, out, lse_arg, mask_arg, ks_arg, k_mean,
         qk_scale,
         *q.stride(), *k_strides, *v.stride(), *out.stride(), *mask_strides, *ks_strides,
         h, lq, lk,
-        D=d, D0=d0, D1=d1,
-        MASK_KIND=mask_kind,
-        IS_CAUSAL=is_causal,
-        INT8=int8,
-        WRITE_LSE=lse is not None,
-        DOT_F32=_INTERPRET,
-        **launch,
     )
+    meta = dict(
+        D=d, D0=d0, D1=d1, MASK_KIND=mask_kind, IS_CAUSAL=is_causal, INT8=int8, WRITE_LSE=lse is not None,
+        DOT_F32=_INTERPRET,
+    )
+    if AUTOTUNE:
+        _attn_fwd_tuned[grid](*args, **meta)
+        return
+    programs = triton.cdiv(lq, 128) * b * h
+    sms = sm_count(q.device) if q.device.type == "cuda" else 1
+    key = (q.device, d0, d1, int8, mask_kind, programs >= sms)
+    launch_first_fitting(_attn_fwd_kernel, grid, args, meta, _heuristic_configs(d0 + d1, programs, sms), key)
 
 
 def default_scale(head_dim: int) -> float:

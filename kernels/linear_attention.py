@@ -39,12 +39,13 @@ not been tuned by timing.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -261,18 +262,13 @@ def _apply_kernel(
                  mask=row_ok[:, None] & (c1 < DV)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(n: int, programs_per_split: int, device: torch.device) -> int:
     """Chunks per (batch, head) for ``n`` keys: enough programs to fill the GPU twice over, with at least
     ``MIN_CHUNK`` keys per chunk."""
     if _INTERPRET or device.type != "cuda":
         target = 8  # the interpreter pays per program: few, large chunks
     else:
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * sm_count(device)
     return max(1, min(triton.cdiv(n, MIN_CHUNK), triton.cdiv(target, programs_per_split)))
 
 

@@ -7,6 +7,10 @@ diffusion uses, ragged lengths, both memory layouts, masks and the dtypes each b
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +300,46 @@ def test_compiles_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+_FIT_SCRIPT = r"""
+import sys, torch
+from benchmarks.kernel_report import compile_only
+from diffboost.kernels import attention as A
+
+arch, limit = int(sys.argv[1]), int(sys.argv[2])
+candidates = A._heuristic_configs
+b, h, lq, lk = 2, 24, 1024, 1024  # enough query tiles for 128-row tiles, the largest configs
+for d in (256, 224, 128):  # the largest tiles, and FLUX's head dim
+    for int8 in (False, True):
+        d0, d1 = A.split_head_dim(d, min_tail=32 if int8 else 16)
+        fitted = None
+        for config in candidates(d0 + d1, programs=-(-lq // 128) * b * h, sm_count=1):
+            A._heuristic_configs = lambda *args, config=config: [config]  # compile this one
+            q, k, v = (torch.empty(b, h, n, d, dtype=torch.bfloat16) for n in (lq, lk, lk))
+            with compile_only(arch, A, ("_attn_fwd_kernel", "_quantize_k_kernel")) as compiled:
+                A.attention_fwd(q, k, v, torch.empty_like(q), mask=None, is_causal=False, scale=0.1, int8=int8)
+            shared = [kernel.metadata.shared for name, _, kernel in compiled if name == "_attn_fwd_kernel"][0]
+            if shared <= limit:
+                fitted = (config.kwargs, config.num_stages, shared)
+                break
+        assert fitted is not None, f"sm_{arch}: no config of head dim {d} (int8={int8}) fits {limit} bytes"
+        print(d, int8, fitted)
+print("fits")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels")
+@pytest.mark.parametrize("arch,limit", [(89, 101376), (80, 166912)])
+def test_some_launch_config_fits_every_gpu(arch, limit):
+    """The launcher tries its configs in order until one fits the GPU's shared memory (Triton raises OutOfResources
+    otherwise, mid-generation). Compiled for Ada/consumer Ampere (99 KiB per block) and A100 (163 KiB), the largest
+    head dims must have one that fits; H100 (227 KiB) fits the first config of each."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _FIT_SCRIPT, str(arch), str(limit)], env=env, capture_output=True,
+                            text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and "fits" in result.stdout, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
