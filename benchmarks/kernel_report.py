@@ -5,8 +5,9 @@ and the instruction mix of each kernel's main loop.
 
 Every case runs the kernel's real launcher (so the arguments, their specialization and the launch config are those
 of a run on that GPU) with Triton's driver replaced by one that compiles and never launches; Triton's own ptxas and
-cuobjdump then give the resource usage and the SASS. The main loop is the largest backward branch of the SASS, and
-its counts are per warp and per iteration (one K group of a GEMM, one key tile of attention).
+cuobjdump then give the resource usage and the SASS. The main loop is the loop with the most tensor-core
+instructions (see :func:`main_loop`), and its counts are per warp and per iteration (one K group of a GEMM, one key
+tile of attention).
 
 This is not a timing. It is the figure to reduce for a kernel bound by instruction issue: the W4A4 GEMM on Hopper,
 where each 64-channel group is two INT8 wgmma per warpgroup against hundreds of other instructions per warp
@@ -110,20 +111,27 @@ _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0
 
 
 def main_loop(sass: str) -> collections.Counter:
-    """Opcode counts (without modifiers) of the largest loop: the span of the backward branch that covers the most
-    instructions. Empty when the SASS has no loop."""
-    instructions = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_SASS_LINE.match, sass.splitlines())
-                    if m]
-    span = None
+    """Opcode counts (without modifiers) of the main loop: of the loops (backward branches), the one with the most
+    tensor-core instructions, the first of them in the code on a tie (attention's loop over full key tiles comes
+    before the one over the ragged last tile, which has the same dots plus masking); the largest loop when none has
+    tensor-core instructions. Empty when the SASS has no loop."""
+    instructions = [(int(m.group(1), 16), m.group(2).split(".")[0], m.group(3))
+                    for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    loops = []
     for address, opcode, operands in instructions:
-        target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
         if target and int(target.group(1), 16) < address:
-            candidate = (int(target.group(1), 16), address)
-            if span is None or candidate[1] - candidate[0] > span[1] - span[0]:
-                span = candidate
-    if span is None:
+            start = int(target.group(1), 16)
+            loops.append(collections.Counter(op for a, op, _ in instructions if start <= a <= address))
+    if not loops:
         return collections.Counter()
-    return collections.Counter(op.split(".")[0] for address, op, _ in instructions if span[0] <= address <= span[1])
+
+    def rank(loop: collections.Counter) -> tuple[int, int]:
+        tensor_core = sum(loop[op] for op in TENSOR_CORE_OPS)
+        return (tensor_core, 0) if tensor_core else (0, sum(loop.values()))
+
+    best = max(rank(loop) for loop in loops)
+    return next(loop for loop in loops if rank(loop) == best)
 
 
 def describe(name: str, config: dict, kernel: Any) -> dict[str, Any]:

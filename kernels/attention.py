@@ -17,8 +17,8 @@ of Q, K and V made by the launcher, and the output is copied back: 40 runs as 48
 dots do the same work as a split of 40 into 32 + 16 columns with 8 overlapping, but such a tail starts off a
 16-column boundary, and Triton 3.6 on an H100 miscompiled it (wrong values and illegal memory accesses) with key
 tiles of 64 or more, and also its column-masked variant. Those head dims therefore ran 32-key tiles, which compiled
-for sm_90 to 8.5 (40) and 10.7 (72) instructions per key and warp, against 5.5 and 6.1 for the padded kernel with
-64-key tiles (``python -m benchmarks.kernel_report``); the copies cost about four extra passes over Q, K and V.
+for sm_90 to 7.4 (40) and 9.2 (72) instructions per key and warp in the main loop, against 4.9 and 5.3 for the
+padded kernel with 64-key tiles (``python -m benchmarks.kernel_report``); the copies cost about four extra passes over Q, K and V.
 On the INT8 path, whose dots are at least 32 deep, head dims 8 and 16 have a masked main part of 32 instead.
 
 INT8 path. The mean of K over tokens is subtracted (softmax is invariant to adding a constant to a row of scores,
@@ -68,7 +68,7 @@ def _heuristic_configs(d_total: int, programs: int, sm_count: int) -> list[trito
 
     ``programs`` is the number of 128-row query tiles over batch and heads: when that does not fill the GPU once
     (SD 1.5's 256-token level: 32 tiles for 132 SMs), 64-row tiles double the programs. 64-key tiles everywhere:
-    compiled for sm_90 they take 1.2-1.5x fewer instructions per key than 32-key tiles (kernel_report), without
+    compiled for sm_90 they take 1.4-1.5x fewer instructions per key than 32-key tiles (kernel_report), without
     spills up to head dim 256.
     """
     if _INTERPRET:  # the interpreter pays per program and per op, not per FLOP: few, large tiles
