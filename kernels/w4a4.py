@@ -5,11 +5,14 @@ it exactly: the packed activations and their scales are bit-identical to the ref
 products are exact INT32, and only the order of the fp32 sums differs.
 
 Activation pass (:func:`quantize_act`). One program owns ``BLOCK_M`` rows and walks K one group at a time, so x is
-read once: the tile is smoothed, its per-row absmax gives the group scale, it is rounded to INT4 and packed (the
-even/odd channels of a ``[BLOCK_M, G/2, 2]`` view go to the low/high nibbles), and the same smoothed tile feeds the
-low-rank down-projection accumulated over K on tensor cores. Rounding uses the ``1.5 * 2^23`` trick (adding it
-leaves an fp32 with no fraction bits, in round-half-even), which is exact only if the product before it is rounded
-first: the kernel is compiled with ``enable_fp_fusion=False`` so no multiply-add is contracted into an FMA.
+read once: the tile is smoothed (multiplied by ``1 / smooth``, which the op layer divides once per layer), its
+per-row absmax gives the group scale, it is rounded to INT4 and packed (the even/odd channels of a
+``[BLOCK_M, G/2, 2]`` view go to the low/high nibbles), and the same smoothed tile feeds the low-rank
+down-projection accumulated over K on tensor cores. Rounding uses the ``1.5 * 2^23`` trick (adding it leaves an
+fp32 with no fraction bits, in round-half-even, whose low mantissa bits are then the integer), which is exact only
+if the product before it is rounded first: the kernel is compiled with ``enable_fp_fusion=False`` so no
+multiply-add is contracted into an FMA. Compiled for sm_90, its loop is 391 instructions per warp and group; it was
+1332 with the reciprocal divided in every program, float-to-int conversions and bf16 rounded with integer ops.
 
 GEMM (:func:`gemm`). Both operands stay packed in global memory. Per group (in chunks of up to 64 channels), the
 nibbles are extracted without sign extension, each moved to the high half of its byte, where the int8 byte is 16x
@@ -41,13 +44,14 @@ AUTOTUNE = os.environ.get("DIFFBOOST_AUTOTUNE", "0") not in ("", "0") and not _I
 # Module-level values used inside kernels must be tl.constexpr (the interpreter accepts plain floats, the compiler
 # does not).
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: y + magic - magic == round_half_even(y) for |y| < 2^22
+_ROUND_MAGIC_BITS = tl.constexpr(0x4B400000)
 _AMAX_FLOOR = tl.constexpr(1e-30)  # diffboost.ops.w4a4.AMAX_FLOOR
 # Integer to float by an integer add and a float subtract (full rate, where the conversion instruction runs at a
 # quarter): 1.5 * 2^15 has a unit in the last place of 2^-8, so its bit pattern plus an integer |d| < 2^22, read as a
 # float, is 1.5 * 2^15 + d / 256 exactly.
 _X256_MAGIC = tl.constexpr(49152.0)
 _X256_MAGIC_BITS = tl.constexpr(0x47400000)
-_INLINE_ASM = tl.constexpr(not _INTERPRET)  # the interpreter runs no inline PTX
+_COMPILED = tl.constexpr(not _INTERPRET)  # for a GPU: inline PTX and hardware rounding are available  # the interpreter runs no inline PTX
 
 # How the low-rank dots run: on 16-bit tensor cores when both operands share a 16-bit dtype, else in exact fp32
 # ("ieee": no TF32 rounding), which is also what the interpreter needs (its 16-bit dots are wrong).
@@ -63,9 +67,10 @@ def _lora_dot_mode(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
 
 @triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
-    """fp32 to ``DTYPE``, rounding to nearest even on every target: the interpreter truncates fp32 -> bf16, so bf16
-    is rounded with integer ops first (the conversion of the rounded value is then exact everywhere)."""
-    if DTYPE == tl.bfloat16:
+    """fp32 to ``DTYPE``, rounding to nearest even on every target: GPUs convert so (one instruction per two values),
+    the interpreter truncates fp32 -> bf16, so there bf16 is rounded with integer ops first (the conversion of the
+    rounded value is then exact)."""
+    if DTYPE == tl.bfloat16 and not _COMPILED:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
@@ -75,7 +80,7 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _quantize_act_kernel(
-    X, Smooth, Down, QX, AScale, LR,
+    X, InvSmooth, Down, QX, AScale, LR,
     M, K, stride_xm,
     G: tl.constexpr, R: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DOT: tl.constexpr,
@@ -98,13 +103,13 @@ def _quantize_act_kernel(
         x = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
         xs = x.to(tl.float32)
         if HAS_SMOOTH:
-            s = tl.load(Smooth + k0 + offs_g).to(tl.float32)
-            xs = xs * tl.math.div_rn(tl.full([G], 1.0, tl.float32), s)[None, :]
+            xs = xs * tl.load(InvSmooth + k0 + offs_g)[None, :]
         amax = tl.max(tl.abs(xs), axis=1)
         scale = tl.math.div_rn(amax, tl.full([BLOCK_M], 7.0, tl.float32))
         inv = tl.math.div_rn(tl.full([BLOCK_M], 7.0, tl.float32), tl.maximum(amax, _AMAX_FLOOR))
         y = xs * inv[:, None]
-        q = ((y + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int32)
+        # Rounded to an integer by the magic add; its low mantissa bits are then that integer (|y| <= 7).
+        q = (y + _ROUND_MAGIC).to(tl.int32, bitcast=True) - _ROUND_MAGIC_BITS
         q_even, q_odd = tl.split(tl.reshape(q, [BLOCK_M, G // 2, 2]))
         packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
         tl.store(q_ptrs + k0 // 2, packed, mask=row_ok[:, None])
@@ -126,7 +131,7 @@ def _nibbles_x16(packed):
     to the high half of its byte: read as int8 such a byte is exactly 16x the nibble's signed value (two's
     complement), so no sign extension is needed: ``lo = b << 4``, ``hi = b & 0xF0``. On a GPU these are three 32-bit
     instructions per four packed bytes (inline PTX); Triton lowers its own int8 shifts byte by byte."""
-    if _INLINE_ASM:
+    if _COMPILED:
         lo, hi = tl.inline_asm_elementwise(
             "{ shl.b32 $0, $2, 4; and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
             "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4,
@@ -234,7 +239,7 @@ _gemm_tuned = triton.autotune(configs=_gemm_tuning_configs(), key=["M", "N", "K"
 
 def quantize_act(
     x: torch.Tensor,
-    smooth: torch.Tensor | None,
+    inv_smooth: torch.Tensor | None,
     lora_down: torch.Tensor | None,
     qx: torch.Tensor,
     ascales: torch.Tensor,
@@ -243,8 +248,9 @@ def quantize_act(
 ) -> None:
     """Launch the activation pass, writing ``qx``, ``ascales`` and ``lr`` in place.
 
-    Inputs are validated by :mod:`diffboost.ops.w4a4`: ``x [M, K]`` with unit stride along K, ``smooth [K]`` and
-    ``lora_down [K, r]`` contiguous (or None); outputs ``uint8 [M, K/2]``, ``fp32 [K/G, M]``, ``fp32 [M, r]``.
+    Inputs are validated by :mod:`diffboost.ops.w4a4`: ``x [M, K]`` with unit stride along K, ``inv_smooth [K]``
+    (``1 / smooth`` in fp32, an IEEE division) and ``lora_down [K, r]`` contiguous (or None); outputs
+    ``uint8 [M, K/2]``, ``fp32 [K/G, M]``, ``fp32 [M, r]``.
     """
     m, k = x.shape
     if m == 0:
@@ -252,9 +258,9 @@ def quantize_act(
     rank = 0 if lora_down is None else lora_down.shape[1]
     block_m = 64 if _INTERPRET else 32
     _quantize_act_kernel[(triton.cdiv(m, block_m),)](
-        x, smooth if smooth is not None else x, lora_down if lora_down is not None else x, qx, ascales, lr,
+        x, inv_smooth if inv_smooth is not None else x, lora_down if lora_down is not None else x, qx, ascales, lr,
         m, k, x.stride(0),
-        G=group_size, R=max(rank, 16), HAS_SMOOTH=smooth is not None, HAS_LORA=rank > 0,
+        G=group_size, R=max(rank, 16), HAS_SMOOTH=inv_smooth is not None, HAS_LORA=rank > 0,
         LORA_DOT=_lora_dot_mode(x.dtype, lora_down.dtype) if rank else _DOT_FP32,
         BLOCK_M=block_m, num_warps=4,
         enable_fp_fusion=False,  # keep every product rounded before the rounding trick (module docstring)

@@ -22,6 +22,7 @@ import diffboost
 from diffboost import _ext
 from diffboost.ops import BackendUnavailableError, dispatch_log, w4a4_gemm, w4a4_linear, w4a4_quantize_act
 from diffboost.ops.w4a4 import (
+    _reciprocal,
     gemm_cpu,
     gemm_cuda,
     pack_int4,
@@ -85,7 +86,7 @@ def quantize_with(backend, x, group_size, smooth=None, lora_down=None):
     else:
         from diffboost.kernels import w4a4 as kernels
 
-        kernels.quantize_act(x, smooth, lora_down, *outputs, group_size)
+        kernels.quantize_act(x, _reciprocal(smooth), lora_down, *outputs, group_size)  # as the op calls it
     return outputs
 
 
@@ -190,6 +191,23 @@ def test_quantize_matches_reference(backend, m, k, n, g):
         xs = x.float() / smooth.float()
         bound = 2.0**-20 * (xs.to(dtype).double().abs() @ down.double().abs())
         assert ((lr.double() - ref_lr.double()).abs() <= bound).all(), f"{dtype}: low-rank activations"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_smoothing_updated_in_place_is_seen(backend):
+    """The backends keep a derived copy of ``smooth`` per parameter (fp32 for the C++ kernels, its reciprocal for
+    Triton): an in-place update of the parameter must reach the next call."""
+    device = torch.device("cpu")
+    if backend == "cpu" and _ext.get_ext() is None:
+        pytest.skip(f"_C unavailable: {_ext.ext_error()}")
+    x = torch.randn(5, 128, device=device).to(torch.bfloat16)
+    smooth = (torch.rand(128, device=device) + 0.5).to(torch.bfloat16)
+    for step in range(2):
+        qx, ascales, _ = w4a4_quantize_act(x, 64, smooth, None, backend=backend)
+        ref_qx, ref_scales, _ = w4a4_quantize_act_reference(x, 64, smooth, None)
+        assert torch.equal(qx, ref_qx) and torch.equal(ascales, ref_scales), f"call {step}"
+        with torch.no_grad():
+            smooth.mul_(3.0)
 
 
 @pytest.mark.parametrize("backend", QUANTIZE_BACKENDS)

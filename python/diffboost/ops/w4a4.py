@@ -97,11 +97,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2).to(torch.int8)
 
 
+def _inverse(smooth: torch.Tensor) -> torch.Tensor:
+    """``1 / smooth`` in fp32, an IEEE division per channel."""
+    s = smooth.float()
+    return torch.ones_like(s) / s  # tensor / tensor: CUDA turns division by a scalar into a product
+
+
 def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:
     xs = x.float()
     if smooth is not None:
-        s = smooth.float()
-        xs = xs * (torch.ones_like(s) / s)  # tensor / tensor: CUDA turns division by a scalar into a product
+        xs = xs * _inverse(smooth)
     return xs
 
 
@@ -196,7 +201,7 @@ def _triton_quantize(x, smooth, lora_down, group_size):
 
     qx, ascales, lr = _quantize_outputs(x, group_size, _rank(lora_down, 1))
     with _cuda_device(x):
-        kernels.quantize_act(x, smooth, lora_down, qx, ascales, lr, group_size)
+        kernels.quantize_act(x, _reciprocal(smooth), lora_down, qx, ascales, lr, group_size)
     return qx, ascales, lr
 
 
@@ -213,23 +218,38 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-# fp32 copies of the layers' 16-bit parameters for the CPU kernels, made once per parameter (again after an in-place
-# update): converting per call is a parallel torch op, and the OpenMP threads it wakes keep spinning for milliseconds
-# on the cores the kernels' own threads then need (measured: a 1024 x 1280 x 1280 layer took 1.5x as long).
+def _derived(cache: WeakIdKeyDictionary, t: torch.Tensor, make) -> torch.Tensor:
+    """``make(t)``, made once per parameter ``t`` (again after an in-place update of it)."""
+    if t.is_inference():  # no version counter to tell an in-place update: make it every time
+        return make(t)
+    cached = cache.get(t)
+    if cached is None or cached[0] != t._version:
+        cached = (t._version, make(t))
+        cache[t] = cached
+    return cached[1]
+
+
+# fp32 copies of the layers' 16-bit parameters for the CPU kernels: converting per call is a parallel torch op, and
+# the OpenMP threads it wakes keep spinning for milliseconds on the cores the kernels' own threads then need
+# (measured: a 1024 x 1280 x 1280 layer took 1.5x as long).
 _F32_COPIES = WeakIdKeyDictionary()
+# 1 / smooth in fp32 for the Triton activation pass: an IEEE division per channel, as the reference's, done once
+# per layer instead of in every program of every call.
+_RECIPROCALS = WeakIdKeyDictionary()
 
 
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """fp32, contiguous form of a (small) parameter for the CPU kernels; None stays None."""
     if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
         return t
-    if t.is_inference():  # no version counter to tell an in-place update: convert every time
-        return t.float().contiguous()
-    cached = _F32_COPIES.get(t)
-    if cached is None or cached[0] != t._version:
-        cached = (t._version, t.float().contiguous())
-        _F32_COPIES[t] = cached
-    return cached[1]
+    return _derived(_F32_COPIES, t, lambda t: t.float().contiguous())
+
+
+def _reciprocal(smooth: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``1 / smooth`` in fp32 (contiguous); None stays None."""
+    if smooth is None:
+        return None
+    return _derived(_RECIPROCALS, smooth, lambda s: _inverse(s).contiguous())
 
 
 _CPU_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
