@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -162,63 +163,49 @@ class Case:
     run: Callable[[int], list]  # arch -> [(kernel name, config, CompiledKernel)]
 
 
-def _w4a4_gemm(m: int, k: int, n: int, group: int, rank: int = 32) -> Callable[[int], list]:
+def _compiling(module: str, kernels: tuple[str, ...], launch: Callable[[Any], None]) -> Callable[[int], list]:
+    """A case's ``run``: ``launch(diffboost.kernels.<module>)`` with the named kernels compiled, never launched."""
     def run(arch: int) -> list:
-        from diffboost.kernels import w4a4
-
-        groups = k // group
-        with compile_only(arch, w4a4, ("_gemm_kernel",)) as compiled:
-            w4a4.gemm(
-                torch.empty(m, k // 2, dtype=torch.uint8), torch.empty(groups, m),
-                torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(groups, n, dtype=torch.bfloat16),
-                torch.empty(m, rank), torch.empty(rank, n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16),
-                torch.empty(m, n, dtype=torch.bfloat16),
-            )
+        mod = importlib.import_module(f"diffboost.kernels.{module}")
+        with compile_only(arch, mod, kernels) as compiled:
+            launch(mod)
         return compiled
     return run
+
+
+def _w4a4_gemm(m: int, k: int, n: int, group: int, rank: int = 32) -> Callable[[int], list]:
+    return _compiling("w4a4", ("_gemm_kernel",), lambda w4a4: w4a4.gemm(
+        torch.empty(m, k // 2, dtype=torch.uint8), torch.empty(k // group, m),
+        torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // group, n, dtype=torch.bfloat16),
+        torch.empty(m, rank), torch.empty(rank, n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16),
+        torch.empty(m, n, dtype=torch.bfloat16),
+    ))
 
 
 def _w4a4_quantize(m: int, k: int, group: int, rank: int = 32) -> Callable[[int], list]:
-    def run(arch: int) -> list:
-        from diffboost.kernels import w4a4
-
-        with compile_only(arch, w4a4, ("_quantize_act_kernel",)) as compiled:
-            w4a4.quantize_act(
-                torch.empty(m, k, dtype=torch.bfloat16), torch.empty(k, dtype=torch.bfloat16),
-                torch.empty(k, rank, dtype=torch.bfloat16), torch.empty(m, k // 2, dtype=torch.uint8),
-                torch.empty(k // group, m), torch.empty(m, rank), group,
-            )
-        return compiled
-    return run
+    return _compiling("w4a4", ("_quantize_act_kernel",), lambda w4a4: w4a4.quantize_act(
+        torch.empty(m, k, dtype=torch.bfloat16), torch.empty(k), torch.empty(k, rank, dtype=torch.bfloat16),
+        torch.empty(m, k // 2, dtype=torch.uint8), torch.empty(k // group, m), torch.empty(m, rank), group,
+    ))
 
 
 def _w4a16(m: int, k: int, n: int, group: int = 64) -> Callable[[int], list]:
-    def run(arch: int) -> list:
-        from diffboost.kernels import w4a16
-
-        with compile_only(arch, w4a16, ("_linear_kernel",)) as compiled:
-            w4a16.linear(
-                torch.empty(m, k, dtype=torch.bfloat16), torch.empty(n, k // 2, dtype=torch.uint8),
-                torch.empty(k // group, n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16),
-                torch.empty(m, n, dtype=torch.bfloat16),
-            )
-        return compiled
-    return run
+    return _compiling("w4a16", ("_linear_kernel",), lambda w4a16: w4a16.linear(
+        torch.empty(m, k, dtype=torch.bfloat16), torch.empty(n, k // 2, dtype=torch.uint8),
+        torch.empty(k // group, n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16),
+        torch.empty(m, n, dtype=torch.bfloat16),
+    ))
 
 
 def _attention(b: int, h: int, lq: int, lk: int, d: int, int8: bool) -> Callable[[int], list]:
-    def run(arch: int) -> list:
-        from diffboost.kernels import attention
+    def heads(length: int) -> torch.Tensor:  # diffusers' layout: (B, L, H*D) viewed as (B, H, L, D)
+        return torch.empty(b, length, h * d, dtype=torch.bfloat16).view(b, length, h, d).transpose(1, 2)
 
-        def heads(length: int) -> torch.Tensor:  # diffusers' layout: (B, L, H*D) viewed as (B, H, L, D)
-            return torch.empty(b, length, h * d, dtype=torch.bfloat16).view(b, length, h, d).transpose(1, 2)
-
+    def launch(attention: Any) -> None:
         q, k, v = heads(lq), heads(lk), heads(lk)
-        with compile_only(arch, attention, ("_attn_fwd_kernel", "_quantize_k_kernel")) as compiled:
-            attention.attention_fwd(q, k, v, torch.empty_like(q), mask=None, is_causal=False, scale=d ** -0.5,
-                                    int8=int8)
-        return compiled
-    return run
+        attention.attention_fwd(q, k, v, torch.empty_like(q), mask=None, is_causal=False, scale=d ** -0.5, int8=int8)
+
+    return _compiling("attention", ("_attn_fwd_kernel", "_quantize_k_kernel"), launch)
 
 
 def cases() -> list[Case]:

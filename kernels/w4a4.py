@@ -11,7 +11,7 @@ per-row absmax gives the group scale, it is rounded to INT4 and packed (the even
 down-projection accumulated over K on tensor cores. Rounding uses the ``1.5 * 2^23`` trick (adding it leaves an
 fp32 with no fraction bits, in round-half-even, whose low mantissa bits are then the integer), which is exact only
 if the product before it is rounded first: the kernel is compiled with ``enable_fp_fusion=False`` so no
-multiply-add is contracted into an FMA. Compiled for sm_90, its loop is 391 instructions per warp and group; it was
+multiply-add is contracted into an FMA. Compiled for sm_90, its loop is 443 instructions per warp and group; it was
 1332 with the reciprocal divided in every program, float-to-int conversions and bf16 rounded with integer ops.
 
 GEMM (:func:`gemm`). Both operands stay packed in global memory. Per group (in chunks of up to 64 channels), the
