@@ -208,6 +208,14 @@ def _attention(b: int, h: int, lq: int, lk: int, d: int, int8: bool) -> Callable
     return _compiling("attention", ("_attn_fwd_kernel", "_quantize_k_kernel"), launch)
 
 
+def _linear_attention(b: int, h: int, n: int, d: int) -> Callable[[int], list]:
+    def launch(linear_attention: Any) -> None:
+        q, k, v = (torch.empty(b, n, h * d, dtype=torch.bfloat16).view(b, n, h, d).transpose(1, 2) for _ in range(3))
+        linear_attention.linear_attention_fwd(q, k, v, torch.empty_like(q), feature_map="elu", eps=1e-6, keep=None)
+
+    return _compiling("linear_attention", ("_kv_partial_kernel", "_combine_kernel", "_apply_kernel"), launch)
+
+
 def cases() -> list[Case]:
     """Every case, in report order."""
     out = [Case(f"w4a4_gemm-flux-g{g}", _w4a4_gemm(4608, 3072, 3072, g)) for g in (32, 64, 128)]
@@ -224,6 +232,7 @@ def cases() -> list[Case]:
     for precision in ("exact", "int8"):
         out += [Case(f"attention-{precision}-{name}", _attention(*shape, precision == "int8"))
                 for name, shape in shapes.items()]
+    out += [Case(f"linear_attention-d{d}", _linear_attention(2, 8, 4096, d)) for d in (40, 80, 160)]
     return out
 
 
