@@ -62,18 +62,19 @@ def split_head_dim(head_dim: int, min_tail: int = 16) -> tuple[int, int]:
     return main, max(triton.next_power_of_2(rest), min_tail)
 
 
-def _heuristic_configs(d_total: int, programs: int, sm_count: int) -> list[triton.Config]:
+def _heuristic_configs(d_total: int, lq: int, programs: int, sm_count: int) -> list[triton.Config]:
     """Launch configs chosen from the tile shape alone (no tuning run; see ``DIFFBOOST_AUTOTUNE``), best first: the
     others use less shared memory, for GPUs where the first does not fit (see ``launch_first_fitting``).
 
     ``programs`` is the number of 128-row query tiles over batch and heads: when that does not fill the GPU once
-    (SD 1.5's 256-token level: 32 tiles for 132 SMs), 64-row tiles double the programs. 64-key tiles everywhere:
+    (SD 1.5's 256-token level: 32 tiles for 132 SMs), 64-row tiles double the programs; at most 64 queries get
+    64-row tiles too. 64-key tiles everywhere:
     compiled for sm_90 they take 1.4-1.5x fewer instructions per key than 32-key tiles (kernel_report), without
     spills up to head dim 256.
     """
     if _INTERPRET:  # the interpreter pays per program and per op, not per FLOP: few, large tiles
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    block_m, warps = (128, 8) if programs >= sm_count else (64, 4)
+    block_m, warps = (128, 8) if lq > 64 and programs >= sm_count else (64, 4)
     stages = 3 if d_total <= 128 else 2  # num_stages=1 gave wrong results on Hopper with split head dims (Triton 3.6)
     configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=warps, num_stages=stages)]
     if stages > 2:
@@ -522,8 +523,9 @@ def _attention_fwd(q, k, v, out, *, mask, is_causal, scale, int8, smooth_k, lse)
         return
     programs = triton.cdiv(lq, 128) * b * h
     sms = sm_count(q.device) if q.device.type == "cuda" else 1
-    key = (q.device, d0, d1, int8, mask_kind, programs >= sms)
-    launch_first_fitting(_attn_fwd_kernel, grid, args, meta, _heuristic_configs(d0 + d1, programs, sms), key)
+    key = (q.device, d0, d1, int8, mask_kind, lq > 64 and programs >= sms)
+    configs = _heuristic_configs(d0 + d1, lq, programs, sms)
+    launch_first_fitting(_attn_fwd_kernel, grid, args, meta, configs, key)
 
 
 def default_scale(head_dim: int) -> float:

@@ -133,7 +133,8 @@ def _nibbles_x16(packed):
     instructions per four packed bytes (inline PTX); Triton lowers its own int8 shifts byte by byte."""
     if _COMPILED:
         lo, hi = tl.inline_asm_elementwise(
-            "{ shl.b32 $0, $2, 4; and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+            # $2 is read before either output is written: an output may share the input's register.
+            "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $1, $2, 0xF0F0F0F0; and.b32 $0, t, 0xF0F0F0F0; }",
             "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4,
         )
     else:

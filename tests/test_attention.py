@@ -314,7 +314,7 @@ for d in (256, 224, 128):  # the largest tiles, and FLUX's head dim
     for int8 in (False, True):
         d0, d1 = A.split_head_dim(d, min_tail=32 if int8 else 16)
         fitted = None
-        for config in candidates(d0 + d1, programs=-(-lq // 128) * b * h, sm_count=1):
+        for config in candidates(d0 + d1, lq, programs=-(-lq // 128) * b * h, sm_count=1):
             A._heuristic_configs = lambda *args, config=config: [config]  # compile this one
             q, k, v = (torch.empty(b, h, n, d, dtype=torch.bfloat16) for n in (lq, lk, lk))
             with compile_only(arch, A, ("_attn_fwd_kernel", "_quantize_k_kernel")) as compiled:
