@@ -1,14 +1,16 @@
 """Weight-only INT4 linear (W4A16) in Triton; layout and arithmetic in :mod:`diffboost.ops.w4a16`.
 
 Each program owns a ``BLOCK_M x BLOCK_N`` output tile and walks K one group at a time. Per group the weight tile's
-nibbles are sign-extended in registers and interleaved back into channel order, multiplied by the group's scale in
-fp32 (exact) and rounded to x's dtype: the dequantized tile feeds an ordinary 16-bit tensor-core dot with fp32
-accumulation. The dequantization costs ``BLOCK_N x G`` operations per group, shared by the tile's ``BLOCK_M`` rows,
-so large-M layers can run close to a 16-bit GEMM while reading a quarter of its weight bytes; one-row layers (adaLN
-modulation) stream the packed weight once. The product is computed transposed, ``out^T = W x^T``: the weight tile,
-produced in registers, is the dot's first operand (which Hopper's wgmma reads from registers, so it never goes
-through shared memory), and x, loaded as is, the second; with a handful of rows the tile is then a natural
-``64 x 16`` wgmma shape. fp32 inputs (and the interpreter, whose 16-bit dots are wrong) take an exact fp32 dot.
+nibbles become fp32 values in registers (one bitwise op and one subtraction each, see ``_dequantize``; compiled for
+sm_90 the loop no longer has the quarter-rate int-to-float conversion, 32 of them per warp and group), are
+interleaved back into channel order, multiplied by the group's scale in fp32 (exact) and rounded to x's dtype: the
+dequantized tile feeds an ordinary 16-bit tensor-core dot with fp32 accumulation. The dequantization costs
+``BLOCK_N*G`` operations per group, shared by the tile's ``BLOCK_M`` rows, so large-M layers can run close to a
+16-bit GEMM while reading a quarter of its weight bytes; one-row layers (adaLN modulation) stream the packed weight
+once. The product is computed transposed, ``out^T = W x^T``: the weight tile, produced in registers, is the dot's
+first operand (which Hopper's wgmma reads from registers, so it never goes through shared memory), and x, loaded as
+is, the second; with a handful of rows the tile is then a natural ``64 x 16`` wgmma shape. fp32 inputs (and the
+interpreter, whose 16-bit dots are wrong) take an exact fp32 dot.
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ import triton.language as tl
 from .w4a4 import _INTERPRET, _round_to, _tile_indices
 
 
+# 2^23 + 8 and the bits of 2^23: a nibble n in offset binary (n ^ 8 for a two's complement one) OR'd into the
+# mantissa of 2^23 reads as 2^23 + n as an fp32, so subtracting 2^23 + 8 leaves the nibble's signed value exactly.
+_NIBBLE_MAGIC = tl.constexpr(8388616.0)
+_NIBBLE_MAGIC_BITS = tl.constexpr(0x4B000008)
+
+
 @triton.jit
-def _unpack_int4(packed, ROWS: tl.constexpr, G: tl.constexpr):
-    """``uint8 [ROWS, G/2]`` packed nibbles to ``int8 [ROWS, G]`` in channel order (x is in channel order)."""
-    b = packed.to(tl.int8, bitcast=True)
-    lo = (b << 4) >> 4  # arithmetic shifts sign-extend the nibble
-    hi = b >> 4
-    return tl.reshape(tl.join(lo, hi), [ROWS, G])
+def _dequantize(packed, scale, ROWS: tl.constexpr, G: tl.constexpr):
+    """``uint8 [ROWS, G/2]`` packed nibbles times their rows' ``scale`` in fp32, ``[ROWS, G]`` in channel order (x
+    is in channel order). Each nibble becomes an fp32 with one bitwise op and one subtraction: the integer to float
+    conversion instruction runs at a quarter of the rate, and it bounded the loop."""
+    p = packed.to(tl.int32)
+    lo = ((p & 0xF) ^ _NIBBLE_MAGIC_BITS).to(tl.float32, bitcast=True) - _NIBBLE_MAGIC
+    hi = (((p >> 4) & 0xF) ^ _NIBBLE_MAGIC_BITS).to(tl.float32, bitcast=True) - _NIBBLE_MAGIC
+    return tl.reshape(tl.join(lo * scale[:, None], hi * scale[:, None]), [ROWS, G])
 
 
 @triton.jit
@@ -45,8 +55,7 @@ def _linear_kernel(
     for g in range(0, K // G):
         x = tl.load(x_ptrs)
         scale = tl.load(WScale + g * N + cols).to(tl.float32)
-        q = _unpack_int4(tl.load(w_ptrs), BLOCK_N, G)
-        w = _round_to(q.to(tl.float32) * scale[:, None], X.dtype.element_ty)  # exact product, one rounding
+        w = _round_to(_dequantize(tl.load(w_ptrs), scale, BLOCK_N, G), X.dtype.element_ty)  # exact products
         if DOT_FP32:
             acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
         else:
