@@ -18,7 +18,8 @@ dots do the same work as a split of 40 into 32 + 16 columns with 8 overlapping, 
 16-column boundary, and Triton 3.6 on an H100 miscompiled it (wrong values and illegal memory accesses) with key
 tiles of 64 or more, and also its column-masked variant. Those head dims therefore ran 32-key tiles, which compiled
 for sm_90 to 7.4 (40) and 9.2 (72) instructions per key and warp in the main loop, against 4.9 and 5.3 for the
-padded kernel with 64-key tiles (``python -m benchmarks.kernel_report``); the copies cost about four extra passes over Q, K and V.
+padded kernel with 64-key tiles (``python -m benchmarks.kernel_report``); the copies cost about four extra passes
+over Q, K and V.
 On the INT8 path, whose dots are at least 32 deep, head dims 8 and 16 have a masked main part of 32 instead.
 
 INT8 path. The mean of K over tokens is subtracted (softmax is invariant to adding a constant to a row of scores,
@@ -66,11 +67,10 @@ def _heuristic_configs(d_total: int, lq: int, programs: int, sm_count: int) -> l
     """Launch configs chosen from the tile shape alone (no tuning run; see ``DIFFBOOST_AUTOTUNE``), best first: the
     others use less shared memory, for GPUs where the first does not fit (see ``launch_first_fitting``).
 
-    ``programs`` is the number of 128-row query tiles over batch and heads: when that does not fill the GPU once
-    (SD 1.5's 256-token level: 32 tiles for 132 SMs), 64-row tiles double the programs; at most 64 queries get
-    64-row tiles too. 64-key tiles everywhere:
-    compiled for sm_90 they take 1.4-1.5x fewer instructions per key than 32-key tiles (kernel_report), without
-    spills up to head dim 256.
+    ``programs`` is the number of 128-row query tiles over batch and heads: when that does not fill the GPU once (SD
+    1.5's 256-token level: 32 tiles for 132 SMs), 64-row tiles double the programs; at most 64 queries get 64-row
+    tiles too. 64-key tiles everywhere: compiled for sm_90 they take 1.4-1.5x fewer instructions per key than 32-key
+    tiles (kernel_report), without spills up to head dim 256.
     """
     if _INTERPRET:  # the interpreter pays per program and per op, not per FLOP: few, large tiles
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
@@ -164,9 +164,9 @@ def _attn_tile(
             k_scale = tl.load(ks_base + offs_n)
         else:
             k_scale = tl.load(ks_base + offs_n, mask=col_ok, other=0.0)
-        # INT32 to fp32 by an integer add and a float subtract, exact for |s| <= 127^2 * 256 < 2^22: the conversion
-        # instruction would share the quarter-rate pipe with exp2. K's per-token scale is applied here, Q's per-row
-        # scale (which carries qk_scale) with the rows' max and in exp2's argument below, as qk_scale is.
+        # INT32 to fp32 by an integer add and a float subtract, exact for |s| <= 127^2 * 256 < 2^22 (the conversion
+        # instruction runs at a quarter of the rate). K's per-token scale is applied here, Q's per-row scale (which
+        # carries qk_scale) with the rows' max and in exp2's argument below, as qk_scale is.
         s = ((s + _ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) - _ROUND_MAGIC) * k_scale[None, :]
         scale = q_scale[:, None]
         row_scale = q_scale
