@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -236,14 +237,57 @@ def cases() -> list[Case]:
     return out
 
 
+# The CUDA extension's kernels (csrc/), compiled by nvcc when it is on PATH: one row per template instance.
+CUDA_CASES = {"cuda:w4a4_gemm": "csrc/w4a4/w4a4_cuda.cu"}
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _cuda_rows(case: str, source: str, arch: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernels.cubin")
+        subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin", "-I", str(_REPO / "csrc"),
+                        "-o", cubin, str(_REPO / source)], check=True, capture_output=True, text=True)
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    resources = {name: (int(regs), int(stack), int(shared)) for name, regs, stack, shared in
+                 re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)}
+    demangle = shutil.which("cu++filt") or shutil.which("c++filt")
+    rows = []
+    for function in re.split(r"\n\s+Function : ", sass)[1:]:
+        name = function.split("\n", 1)[0].strip()
+        regs, stack, shared = resources[name]
+        readable = subprocess.run([demangle, name], capture_output=True, text=True).stdout.strip() if demangle else name
+        loop = main_loop(function)
+        rows.append({
+            "case": case,
+            "kernel": re.sub(r"^.*::", "", readable.rsplit("(", 1)[0]).replace("__nv_bfloat16", "bf16")
+            .replace("__half", "fp16") if demangle else name,
+            "config": {},
+            "registers": regs,
+            "stack_bytes": stack,
+            "shared_bytes": shared,  # static; the dynamic part is set at launch
+            "loop_instructions": sum(loop.values()),
+            "loop_tensor_core": {op: loop[op] for op in TENSOR_CORE_OPS if loop[op]},
+            "loop_top": dict(loop.most_common(12)),
+        })
+    return rows
+
+
 def report(arch: int, only: str | None = None) -> list[dict[str, Any]]:
-    """Compile the selected cases for ``sm_<arch>`` and describe every kernel they launch."""
+    """Compile the selected cases for ``sm_<arch>`` and describe every kernel they launch; then the CUDA
+    extension's kernels, if nvcc is on PATH."""
     rows = []
     for case in cases():
         if only and only not in case.name:
             continue
         for name, config, kernel in case.run(arch):
             rows.append({"case": case.name, **describe(name, config, kernel)})
+    if shutil.which("nvcc"):
+        for case, source in CUDA_CASES.items():
+            if not only or only in case:
+                rows += _cuda_rows(case, source, arch)
     return rows
 
 
@@ -261,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = report(args.arch, args.only)
     print(f"sm_{args.arch}, " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
-    print(f"{'case':34} {'kernel':20} {'regs':>4} {'stack':>5} {'smem':>6} {'loop':>5}  tensor-core ops / top")
+    print(f"{'case':34} {'kernel':30} {'regs':>4} {'stack':>5} {'smem':>6} {'loop':>5}  tensor-core ops / top")
     for r in rows:
         top = ", ".join(f"{op} {n}" for op, n in list(r["loop_top"].items())[:6])
         tc = " ".join(f"{op}x{n}" for op, n in r["loop_tensor_core"].items()) or "-"
-        print(f"{r['case']:34} {r['kernel'][:20]:20} {r['registers']:4d} {r['stack_bytes']:5d} "
+        print(f"{r['case']:34} {r['kernel'][:30]:30} {r['registers']:4d} {r['stack_bytes']:5d} "
               f"{r['shared_bytes']:6d} {r['loop_instructions']:5d}  {tc} | {top}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,12 @@
 // Structure. A 256-thread block computes a 128 x 128 output tile; its 8 warps
 // each own 64 x 32 (4 x 4 MMA tiles of 16 x 8). K is walked one scale group at
 // a time: the group's packed operand tiles (128 rows x G/2 bytes each) arrive in
-// shared memory through a 3-stage cp.async pipeline, every warp runs the
+// shared memory through a 3-stage cp.async pipeline (each thread's copy
+// addresses worked out once per block, StageCopy), every warp runs the
 // group's MMAs into INT32 accumulators, then adds them into fp32 accumulators
 // scaled by ascale[row] * wscale[col] -- once per group, outside the MMA loop.
-// The INT32 -> fp32 conversion uses the 1.5 * 2^23 bias trick (integer add +
-// float subtract, both full rate; exact because a group's dot is below 2^22)
+// The INT32 -> fp32 conversion uses a bias trick (integer add + float
+// subtract, both full rate; exact because a group's dot is below 2^22)
 // instead of the quarter-rate I2F. The epilogue adds the low-rank branch on
 // 16-bit tensor cores (lr rounded to the output dtype, fp32 accumulation, the
 // same accumulator layout as the integer MMAs) and the bias.
@@ -19,15 +20,21 @@
 // A packed 32-bit word of 4 consecutive bytes holds 8 consecutive channels in
 // nibble order, which is exactly the s4 fragment register layout, so fragments
 // are plain 32-bit shared-memory loads. sm90 has no INT4 tensor-core path: the
-// nibbles are sign-extended to bytes in registers (low nibbles -> one register,
-// high nibbles -> another) and fed to mma.sync m16n8k32 s8. That assigns the
+// nibbles are moved to the high halves of bytes in registers (low nibbles ->
+// one register, high nibbles -> another; a byte then holds 16x its nibble,
+// no sign extension needed) and fed to mma.sync m16n8k32 s8. That assigns the
 // 32 channels of a step to the MMA's k slots in a permuted order, the same
-// permutation for both operands, which a dot product does not see.
+// permutation for both operands, which a dot product does not see; the 256x
+// is divided out exactly in the conversion to fp32.
 // Only mma.sync is used (valid on every compiled arch), so no code needs the
 // 90a-only guard (__CUDA_ARCH_FEAT_SM90_ALL).
 //
 // Shared-memory rows are padded (G/2 + 16 bytes, 48 for G = 32) so the 8 rows x
 // 4 consecutive words a warp reads per fragment fall in distinct banks.
+//
+// Compiled with nvcc 13.0 (cuobjdump), the main loop per warp and 64-channel
+// group is 408 instructions on sm_89 and 536 on sm_90 (711 and 985 when the
+// copies recomputed their addresses per group and sm_90 sign-extended nibbles).
 #include "w4a4/w4a4_cuda.h"
 
 #include <cuda_bf16.h>
@@ -71,19 +78,26 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// 4 nibbles (bits 0-3 of each byte) -> 4 signed bytes (the INT8 path only).
-__device__ __forceinline__ std::uint32_t sign_extend_nibbles(std::uint32_t v) {
-  return __vsub4(v ^ 0x08080808u, 0x08080808u);
-}
+// The INT8 path's operands: each nibble moved to the high half of its byte, where the signed byte is 16x the
+// nibble (two's complement), so no sign extension is needed. Both operands carry the 16, so an MMA's INT32 result
+// is 256x the group's dot product, which group_dot_to_float divides out exactly.
+__device__ __forceinline__ std::uint32_t low_nibbles_x16(std::uint32_t v) { return (v << 4) & 0xF0F0F0F0u; }
+__device__ __forceinline__ std::uint32_t high_nibbles_x16(std::uint32_t v) { return v & 0xF0F0F0F0u; }
 #endif
 
 __device__ __forceinline__ std::uint32_t load_u32(const std::uint8_t* p) {
   return *reinterpret_cast<const std::uint32_t*>(p);
 }
 
-// int32 -> fp32 for |v| < 2^22: place v in the mantissa of 1.5 * 2^23, subtract.
-__device__ __forceinline__ float small_int_to_float(int v) {
+// A group's INT32 dot product as fp32, exactly, by an integer add and a float subtract (|v| < 2^22): v placed in
+// the mantissa of 1.5 * 2^23, whose last place is 1. On the INT8 path v is 256x the dot, so the mantissa of
+// 1.5 * 2^15 (last place 2^-8) divides it out.
+__device__ __forceinline__ float group_dot_to_float(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return __int_as_float(v + 0x47400000) - 49152.0f;
+#else
   return __int_as_float(v + 0x4B400000) - 12582912.0f;
+#endif
 }
 
 template <class T>
@@ -153,26 +167,43 @@ __device__ __forceinline__ void mma_16bit(float (&acc)[4], const std::uint32_t (
   }
 }
 
-// Copies group `g` of the block's A rows [m0, m0 + kBM) and B rows [n0, n0 + kBN)
-// into one pipeline stage. Rows past the matrix read its last row (results
-// for them are never stored), so every copy is in bounds and unconditional.
+// This thread's share of copying one group's operand tiles (A rows [m0, m0 + kBM), B rows [n0, n0 + kBN)) into a
+// pipeline stage, worked out once per block: per group only the source offset changes, so the loop issues its
+// cp.async with no address arithmetic beyond one add (the per-group recomputation of rows, clamps and 64-bit
+// products was a third of the sm_89 main loop). Rows past the matrix read its last row (results for them are never
+// stored), so every copy is in bounds and unconditional.
 template <int G>
-__device__ __forceinline__ void load_stage(std::uint8_t* stage, const std::uint8_t* qx, const std::uint8_t* qw,
-                                           int m0, int n0, int m, int n, std::int64_t half_k, int g) {
-  using Layout = Tile<G>;
-  constexpr int kChunks = G / 32;  // 16-byte chunks per row
-  for (int c = threadIdx.x; c < kBM * kChunks; c += kThreads) {
-    const int r = c / kChunks, chunk = c % kChunks;
-    const int row = min(m0 + r, m - 1);
-    cp_async16(stage + r * Layout::kStride + chunk * 16, qx + row * half_k + g * (G / 2) + chunk * 16);
+struct StageCopy {
+  static constexpr int kChunks = G / 32;  // 16-byte chunks per row
+  static constexpr int kTotal = kBM * kChunks;  // per operand (kBM == kBN)
+  static constexpr int kPerThread = (kTotal + kThreads - 1) / kThreads;
+  const std::uint8_t* a[kPerThread];
+  const std::uint8_t* b[kPerThread];
+  int dst[kPerThread];
+
+  __device__ __forceinline__ StageCopy(const std::uint8_t* qx, const std::uint8_t* qw, int m0, int n0, int m, int n,
+                                       std::int64_t half_k) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int c = min(static_cast<int>(threadIdx.x) + i * kThreads, kTotal - 1);
+      const int r = c / kChunks, chunk = c % kChunks;
+      a[i] = qx + min(m0 + r, m - 1) * half_k + chunk * 16;
+      b[i] = qw + min(n0 + r, n - 1) * half_k + chunk * 16;
+      dst[i] = r * Tile<G>::kStride + chunk * 16;
+    }
   }
-  std::uint8_t* b = stage + Layout::kOperandBytes;
-  for (int c = threadIdx.x; c < kBN * kChunks; c += kThreads) {
-    const int r = c / kChunks, chunk = c % kChunks;
-    const int col = min(n0 + r, n - 1);
-    cp_async16(b + r * Layout::kStride + chunk * 16, qw + col * half_k + g * (G / 2) + chunk * 16);
+
+  __device__ __forceinline__ void load(std::uint8_t* stage, int g) const {
+    const std::int64_t offset = static_cast<std::int64_t>(g) * (G / 2);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      if (kTotal % kThreads == 0 || static_cast<int>(threadIdx.x) + i * kThreads < kTotal) {
+        cp_async16(stage + dst[i], a[i] + offset);
+        cp_async16(stage + Tile<G>::kOperandBytes + dst[i], b[i] + offset);
+      }
+    }
   }
-}
+};
 
 // The MMAs of one group on a resident stage.
 template <int G>
@@ -191,16 +222,16 @@ __device__ __forceinline__ void group_mmas(const std::uint8_t* stage, int wm, in
     for (int mt = 0; mt < kMT; ++mt) {
       const std::uint8_t* p = a_tile + (wm + mt * 16 + gid) * S + step * 16 + tig * 4;
       const std::uint32_t top = load_u32(p), bottom = load_u32(p + 8 * S);
-      a[mt][0] = sign_extend_nibbles(top & 0x0F0F0F0Fu);
-      a[mt][1] = sign_extend_nibbles(bottom & 0x0F0F0F0Fu);
-      a[mt][2] = sign_extend_nibbles((top >> 4) & 0x0F0F0F0Fu);
-      a[mt][3] = sign_extend_nibbles((bottom >> 4) & 0x0F0F0F0Fu);
+      a[mt][0] = low_nibbles_x16(top);
+      a[mt][1] = low_nibbles_x16(bottom);
+      a[mt][2] = high_nibbles_x16(top);
+      a[mt][3] = high_nibbles_x16(bottom);
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
       const std::uint32_t w = load_u32(b_tile + (wn + nt * 8 + gid) * S + step * 16 + tig * 4);
-      b[nt][0] = sign_extend_nibbles(w & 0x0F0F0F0Fu);
-      b[nt][1] = sign_extend_nibbles((w >> 4) & 0x0F0F0F0Fu);
+      b[nt][0] = low_nibbles_x16(w);
+      b[nt][1] = high_nibbles_x16(w);
     }
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
@@ -272,9 +303,10 @@ __global__ void __launch_bounds__(kThreads) w4a4_gemm_kernel(GemmArgs args) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[mt][nt][e] = 0.0f, acc[mt][nt][e] = 0;
 
+  const StageCopy<G> copy(qx, qw, m0, n0, m, n, half_k);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < groups) load_stage<G>(shared + s * Layout::kStageBytes, qx, qw, m0, n0, m, n, half_k, s);
+    if (s < groups) copy.load(shared + s * Layout::kStageBytes, s);
     cp_async_commit();
   }
   // Scales are read straight from global memory (L2), one group ahead of their use.
@@ -296,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) w4a4_gemm_kernel(GemmArgs args) {
     __syncthreads();
     const int next = g + kStages - 1;
     if (next < groups) {
-      load_stage<G>(shared + (next % kStages) * Layout::kStageBytes, qx, qw, m0, n0, m, n, half_k, next);
+      copy.load(shared + (next % kStages) * Layout::kStageBytes, next);
     }
     cp_async_commit();
     group_mmas<G>(shared + (g % kStages) * Layout::kStageBytes, wm, wn, gid, tig, acc);
@@ -313,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) w4a4_gemm_kernel(GemmArgs args) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float scale = as_now[mt][e >> 1] * ws_now[nt][e & 1];
-          out[mt][nt][e] = fmaf(small_int_to_float(acc[mt][nt][e]), scale, out[mt][nt][e]);
+          out[mt][nt][e] = fmaf(group_dot_to_float(acc[mt][nt][e]), scale, out[mt][nt][e]);
           acc[mt][nt][e] = 0;
         }
   }
