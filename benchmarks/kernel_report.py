@@ -1,5 +1,6 @@
-"""What diffboost's Triton kernels compile to on a GPU this machine need not have: registers, stack, shared memory
-and the instruction mix of each kernel's main loop.
+"""What diffboost's GPU kernels compile to on a GPU this machine need not have: registers, stack, shared memory and
+the instruction mix of each kernel's main loop (the Triton kernels, and the CUDA ones of csrc/ when nvcc is on
+PATH).
 
     python -m benchmarks.kernel_report [--arch 90] [--only SUBSTRING] [--json PATH]
 
@@ -100,13 +101,23 @@ def _nvidia_tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _cuobjdump(kernel: Any, flag: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        return subprocess.run([_nvidia_tool("cuobjdump"), flag, path], capture_output=True, text=True,
-                              check=True).stdout
+def _cuobjdump(cubin: str, flag: str) -> str:
+    return subprocess.run([_nvidia_tool("cuobjdump"), flag, cubin], capture_output=True, text=True, check=True).stdout
+
+
+def _row(kernel: str, config: dict, registers: int, stack: int, shared: int, sass: str) -> dict[str, Any]:
+    """One report row: a kernel's resources and its main loop's instruction mix."""
+    loop = main_loop(sass)
+    return {
+        "kernel": kernel,
+        "config": config,
+        "registers": registers,
+        "stack_bytes": stack,  # spills land here
+        "shared_bytes": shared,
+        "loop_instructions": sum(loop.values()),
+        "loop_tensor_core": {op: loop[op] for op in TENSOR_CORE_OPS if loop[op]},
+        "loop_top": dict(loop.most_common(12)),
+    }
 
 
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
@@ -137,19 +148,14 @@ def main_loop(sass: str) -> collections.Counter:
 
 
 def describe(name: str, config: dict, kernel: Any) -> dict[str, Any]:
-    """One report row for a compiled kernel."""
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(kernel, "-res-usage"))
-    loop = main_loop(_cuobjdump(kernel, "-sass"))
-    return {
-        "kernel": name,
-        "config": config,
-        "registers": int(usage.group(1)),
-        "stack_bytes": int(usage.group(2)),  # spills land here
-        "shared_bytes": kernel.metadata.shared,
-        "loop_instructions": sum(loop.values()),
-        "loop_tensor_core": {op: loop[op] for op in TENSOR_CORE_OPS if loop[op]},
-        "loop_top": dict(loop.most_common(12)),
-    }
+    """One report row for a compiled Triton kernel (its shared memory is the dynamic allocation it launches with)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(cubin, "-res-usage"))
+        sass = _cuobjdump(cubin, "-sass")
+    return _row(name, config, int(usage.group(1)), int(usage.group(2)), kernel.metadata.shared, sass)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,31 +253,21 @@ def _cuda_rows(case: str, source: str, arch: int) -> list[dict[str, Any]]:
         cubin = os.path.join(tmp, "kernels.cubin")
         subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin", "-I", str(_REPO / "csrc"),
                         "-o", cubin, str(_REPO / source)], check=True, capture_output=True, text=True)
-        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
+        sass = _cuobjdump(cubin, "-sass")
+        usage = _cuobjdump(cubin, "-res-usage")
     resources = {name: (int(regs), int(stack), int(shared)) for name, regs, stack, shared in
                  re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)}
     demangle = shutil.which("cu++filt") or shutil.which("c++filt")
     rows = []
     for function in re.split(r"\n\s+Function : ", sass)[1:]:
-        name = function.split("\n", 1)[0].strip()
-        regs, stack, shared = resources[name]
-        readable = subprocess.run([demangle, name], capture_output=True, text=True).stdout.strip() if demangle else name
-        loop = main_loop(function)
-        rows.append({
-            "case": case,
-            "kernel": re.sub(r"^.*::", "", readable.rsplit("(", 1)[0]).replace("__nv_bfloat16", "bf16")
-            .replace("__half", "fp16") if demangle else name,
-            "config": {},
-            "registers": regs,
-            "stack_bytes": stack,
-            "shared_bytes": shared,  # static; the dynamic part is set at launch
-            "loop_instructions": sum(loop.values()),
-            "loop_tensor_core": {op: loop[op] for op in TENSOR_CORE_OPS if loop[op]},
-            "loop_top": dict(loop.most_common(12)),
-        })
+        mangled = function.split("\n", 1)[0].strip()
+        name = mangled
+        if demangle:  # "void ns::(anonymous namespace)::kernel<__half, 64>(Args)" -> "kernel<fp16, 64>"
+            readable = subprocess.run([demangle, mangled], capture_output=True, text=True).stdout.strip()
+            name = re.sub(r"^.*::", "", readable.rsplit("(", 1)[0])
+            name = name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+        # Shared memory here is the static part; the dynamic part is set at launch.
+        rows.append({"case": case, **_row(name, {}, *resources[mangled], function)})
     return rows
 
 

@@ -51,7 +51,7 @@ _AMAX_FLOOR = tl.constexpr(1e-30)  # diffboost.ops.w4a4.AMAX_FLOOR
 # float, is 1.5 * 2^15 + d / 256 exactly.
 _X256_MAGIC = tl.constexpr(49152.0)
 _X256_MAGIC_BITS = tl.constexpr(0x47400000)
-_COMPILED = tl.constexpr(not _INTERPRET)  # for a GPU: inline PTX and hardware rounding are available  # the interpreter runs no inline PTX
+_COMPILED = tl.constexpr(not _INTERPRET)  # for a GPU: inline PTX and hardware rounding (the interpreter has neither)
 
 # How the low-rank dots run: on 16-bit tensor cores when both operands share a 16-bit dtype, else in exact fp32
 # ("ieee": no TF32 rounding), which is also what the interpreter needs (its 16-bit dots are wrong).

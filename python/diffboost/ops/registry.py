@@ -110,15 +110,25 @@ class Backend:
     description: str = ""
 
     def __post_init__(self) -> None:
-        # Per-device cache of environment_reasons: dispatch runs on every call and the machine doesn't change.
+        # Per-device cache of (environment_reasons, passed_over): dispatch runs on every call and the machine
+        # doesn't change.
         object.__setattr__(self, "_environment_cache", {})
+
+    def _environment(self, device: torch.device) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        cached = self._environment_cache.get(device)
+        if cached is None:
+            cached = (self._compute_environment_reasons(device), self._compute_passed_over(device))
+            self._environment_cache[device] = cached
+        return cached
 
     def environment_reasons(self, device: torch.device) -> list[str]:
         """Reasons that depend only on the machine and device, not on the inputs (cached per device)."""
-        cached = self._environment_cache.get(device)
-        if cached is None:
-            cached = self._environment_cache[device] = self._compute_environment_reasons(device)
-        return list(cached)
+        return list(self._environment(device)[0])
+
+    def passed_over(self, device: torch.device) -> list[str]:
+        """Why automatic dispatch skips this backend on ``device`` although it can run there (see
+        ``auto_below_capability``; cached per device)."""
+        return list(self._environment(device)[1])
 
     def _compute_environment_reasons(self, device: torch.device) -> tuple[str, ...]:
         reasons: list[str] = []
@@ -133,16 +143,14 @@ class Backend:
                 reasons.append(f"needs compute capability >= {want}, device has {cap[0]}.{cap[1]}")
         return tuple(reasons)
 
-    def passed_over(self, device: torch.device) -> list[str]:
-        """Why automatic dispatch skips this backend on ``device`` although it can run there (see
-        ``auto_below_capability``)."""
+    def _compute_passed_over(self, device: torch.device) -> tuple[str, ...]:
         if self.auto_below_capability is None or device.type != "cuda" or not torch.cuda.is_available():
-            return []
+            return ()
         (major, minor), why = self.auto_below_capability
         cap = torch.cuda.get_device_capability(device)
         if cap < (major, minor):
-            return []
-        return [f"passed over on compute capability {cap[0]}.{cap[1]} >= {major}.{minor}: {why}"]
+            return ()
+        return (f"passed over on compute capability {cap[0]}.{cap[1]} >= {major}.{minor}: {why}",)
 
     def why_not(self, device: torch.device, dtype: torch.dtype, *args: Any, **kwargs: Any) -> list[str]:
         """All reasons this backend cannot run these inputs; an empty list means it can."""
