@@ -4,6 +4,7 @@ argument errors (exit code 2), ``bench kernels`` discovery, and the README resul
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 import types
@@ -308,3 +309,36 @@ def test_readme_results_regenerates_the_marked_block(cli_run, tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         readme_results.main(argv)
     assert excinfo.value.code == 2
+
+
+def test_gpu_session_steps_run_real_commands():
+    """Every step listed in benchmarks/gpu_session.sh's header maps to a command whose test files exist and whose
+    benchmark module accepts the flags given (checked on the module's own --help)."""
+    script = REPO_ROOT / "benchmarks" / "gpu_session.sh"
+    header = script.read_text().split("set -uo pipefail")[0]
+    steps = [line.split()[1] for line in header.splitlines() if re.match(r"#   [a-z0-9_]+ \(\d+\)", line)]
+    assert {"kernels", "tests", "attn", "w4a4", "bench"} <= set(steps)
+    run = subprocess.run(["bash", str(script), *steps], capture_output=True, text=True, cwd=REPO_ROOT,
+                         env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": "/nonexistent"}, check=True)
+    commands = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    assert sorted(commands) == sorted(set(steps))
+    helps: dict[tuple[str, ...], subprocess.CompletedProcess] = {}
+    for step, command in commands.items():
+        for part in command.split("; "):
+            words = part.split()
+            if words[:3] == ["python3", "-m", "pytest"]:
+                files = [w for w in words if w.startswith("tests/")]
+                assert files and all((REPO_ROOT / f).is_file() for f in files), (step, files)
+            elif words[:2] == ["python3", "-m"]:
+                subcommand = [w for w in words[3:4] if not w.startswith("-")]  # `diffboost bench`
+                key = (words[2], *subcommand)
+                if key not in helps:
+                    helps[key] = subprocess.run([sys.executable, "-m", *key, "--help"], capture_output=True, text=True,
+                                                cwd=REPO_ROOT)
+                helped = helps[key]
+                assert helped.returncode == 0, (step, helped.stderr)
+                flags = [w for w in words[3:] if w.startswith("--")]
+                assert all(flag in helped.stdout for flag in flags), (step, flags)
+    bad = subprocess.run(["bash", str(script), "no_such_step"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1"})
+    assert bad.returncode == 2 and "no_such_step" in bad.stderr
