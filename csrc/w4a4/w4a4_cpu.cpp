@@ -99,7 +99,7 @@ void gemm(SimdLevel level, const GemmArgs& args, int threads) {
     kernels.prepare_rows(args, begin, end, rows);
   });
   struct Scratch {
-    std::vector<float> tile, wscales;
+    std::vector<float> tile, wscales, up;
     std::vector<uint8_t> weights;
     int64_t columns = -1;  // the column tile `weights` holds
   };
@@ -108,12 +108,13 @@ void gemm(SimdLevel level, const GemmArgs& args, int threads) {
     s.tile.resize(static_cast<size_t>(kTileM * kTileN));
     s.weights.resize(static_cast<size_t>(kTileN * args.k));
     s.wscales.resize(static_cast<size_t>(groups * kTileN));
+    s.up.resize(static_cast<size_t>(args.rank * kTileN));
   }
   // Column tiles outer, in chunks of a few row tiles: a thread's consecutive tiles mostly share their columns,
   // whose weights it re-lays out once.
   parallel_for(tiles_m * tiles_n, 4, threads, [&](int t, int64_t begin, int64_t end) {
     Scratch& s = scratch[t];
-    GemmWorkspace ws{s.tile.data(), s.weights.data(), s.wscales.data()};
+    GemmWorkspace ws{s.tile.data(), s.weights.data(), s.wscales.data(), s.up.data()};
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t tn = tile / tiles_m, tm = tile % tiles_m;
       const int64_t m0 = tm * kTileM, n0 = tn * kTileN;

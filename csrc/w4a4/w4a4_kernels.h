@@ -75,6 +75,7 @@ struct GemmWorkspace {
   float* tile;       // kTileM * kTileN: fp32 results before the epilogue
   uint8_t* weights;  // kTileN * k bytes: the column tile's weights, re-laid out
   float* wscales;    // (k / group) * kTileN: the column tile's scales
+  float* up;         // rank * kTileN: the column tile's columns of up
 };
 
 // Scratch of the activation pass: kQuantizeRows * k floats.
