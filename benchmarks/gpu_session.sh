@@ -17,6 +17,9 @@
 #   attn (200)           bench_attention: exact and INT8 vs every SDPA backend and SageAttention
 #   w4a4 (250)           bench_w4a4 on the GPU: Triton and CUDA W4A4 / W4A16 vs cuBLAS bf16 and torch._int_mm
 #   w4a4_cpu (250)       bench_w4a4 on this machine's CPU (2 threads, as on CI machines)
+#   attn_tuned (500)     bench_attention and bench_w4a4 with DIFFBOOST_AUTOTUNE=1: Triton autotunes over every
+#   w4a4_tuned (500)       config, the log names the fastest per shape (to check the launch heuristics against);
+#                          results under $OUT/tuned, not to be confused with the default configs' ones
 #   linattn (250)        bench_linear_attention with the end-to-end U-Net rows
 #   cache_sd15 (300)     bench_cache per model: uncached vs DeepCache / encoder propagation / block caching and the
 #   cache_sdxl (400)       DeepCache package
@@ -54,6 +57,9 @@ command_of() {
     attn) echo "python3 -m benchmarks.bench_attention --out $results" ;;
     w4a4) echo "python3 -m benchmarks.bench_w4a4 --device cuda --out $results" ;;
     w4a4_cpu) echo "python3 -m benchmarks.bench_w4a4 --device cpu --threads 2 --out $results" ;;
+    attn_tuned) echo "DIFFBOOST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 python3 -m benchmarks.bench_attention --out $OUT/tuned" ;;
+    w4a4_tuned) echo "DIFFBOOST_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1" \
+                     "python3 -m benchmarks.bench_w4a4 --device cuda --out $OUT/tuned" ;;
     linattn) echo "python3 -m benchmarks.bench_linear_attention --e2e --out $results" ;;
     cache_sd15|cache_sdxl|cache_flux) echo "python3 -m benchmarks.bench_cache --models ${1#cache_} --out $results" ;;
     cache_compile) echo "python3 -m benchmarks.bench_cache --models sd15 --compile --out $results" ;;
