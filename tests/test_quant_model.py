@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import diffboost
-from diffboost.models import build_denoiser, example_denoiser_inputs, example_inputs
+from diffboost.models import build_denoiser, build_pipeline, example_denoiser_inputs, example_inputs
 from diffboost.quant import (
     DEFAULT_SKIP,
     Int4Linear,
@@ -295,6 +295,40 @@ def test_a_quantization_without_originals_cannot_be_removed(tiny_sd):
     assert any(isinstance(m, W4A4Linear) for m in pipe.unet.modules())
     with pytest.raises(RuntimeError, match="keep_original=False"):
         diffboost.quant.restore(pipe)
+
+
+def test_linear_attention_starts_from_the_quantized_projections(tiny_sd):
+    """``quant=`` with ``linear_attention=True`` (initialised from the U-Net): each linear attention copies the
+    dequantized projections of the quantized self-attention it replaces, in one call or after the quantization."""
+    pipe = tiny_sd
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    diffboost.patch(pipe, quant=CONFIG, calibration=calibration(pipe))
+    quantized = pipe.unet.get_submodule(name)
+    diffboost.patch(pipe, quant=CONFIG, linear_attention=True)
+    assert diffboost.patching.patched_features(pipe) == ["quant", "linear_attention"]
+    linear = pipe.unet.get_submodule(name)
+    assert isinstance(linear, diffboost.linear.GeneralizedLinearAttention)
+    for proj in ("to_q", "to_k", "to_v"):
+        dequantized = getattr(quantized, proj).to_linear(torch.float32)
+        assert torch.equal(getattr(linear, proj).weight, dequantized.weight)
+    assert torch.equal(linear.to_out[0].weight, quantized.to_out[0].to_linear(torch.float32).weight)
+    assert torch.isfinite(generate(pipe)).all()
+
+    fresh = build_pipeline("tiny-sd")
+    diffboost.patch(fresh, quant=CONFIG, linear_attention=True, calibration=calibration(fresh))
+    assert diffboost.patching.patched_features(fresh) == ["quant", "linear_attention"]
+    assert torch.isfinite(generate(fresh)).all()
+
+
+def test_a_feature_failing_after_a_quantization_leaves_it_installed_and_says_so(tiny_sd, tmp_path):
+    """The quantization of this very call cannot be undone (keep_original=False): the feature's own error
+    propagates, with a note that quant= stays, and the state still records the quantization."""
+    pipe = tiny_sd
+    with pytest.raises(ValueError, match="not a LinFusion checkpoint") as info:
+        diffboost.patch(pipe, quant=CONFIG, linear_attention=str(tmp_path), calibration=calibration(pipe))
+    assert any(note.startswith("diffboost.patch: quant= stays installed") for note in info.value.__notes__)
+    assert diffboost.patching.patched_features(pipe) == ["quant"]
+    assert any(isinstance(m, W4A4Linear) for m in pipe.unet.modules())
 
 
 def test_patch_quant_w4a16_name(tiny_sd):

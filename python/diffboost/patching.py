@@ -121,7 +121,8 @@ def patch(pipe: Any, **features: Any) -> Any:
 
     Calling ``patch`` again replaces the previous patch (a quantization asked for again with an equal config is
     kept as it is); :func:`unpatch` restores the original exactly. If a feature fails to install, the ones installed
-    by this call are removed again before the error propagates.
+    by this call are removed again before the error propagates, except a quantization that cannot be undone
+    (``keep_original=False``): it stays, and a note on the error says so.
     """
     denoisers(pipe)  # fail on something that is neither a pipeline nor a model before touching it
     registered = _features()
@@ -157,8 +158,18 @@ def patch(pipe: Any, **features: Any) -> Any:
                 added.append((feature.name, config, feature_state))
                 state.append(added[-1])
                 setattr(pipe, _STATE_ATTR, state)
-    except BaseException:
-        _uninstall(pipe, added)
+    except BaseException as exc:
+        # Undo what this call installed, except a persistent feature that cannot be undone (a quantization without
+        # its originals): it stays, recorded in the state as installed, and the error says so.
+        undoable = []
+        for entry in added:
+            try:
+                known[entry[0]].check_uninstall(pipe, entry[2])
+            except RuntimeError as why:
+                exc.add_note(f"diffboost.patch: {entry[0]}= stays installed: {why}")
+            else:
+                undoable.append(entry)
+        _uninstall(pipe, undoable)
         raise
     return pipe
 

@@ -92,7 +92,8 @@ def install(pipe: Any, config: LinearAttentionConfig) -> list[tuple[torch.nn.Mod
     swaps = []
     for name, new in modules.items():
         original = originals[name]
-        like = next(p for p in original.parameters() if p.is_floating_point())
+        # A self-attention quantized by diffboost.quant has no float parameters: the U-Net's then give the dtype.
+        like = next(p for p in (*original.parameters(), *unet.parameters()) if p.is_floating_point())
         parent_name, _, attribute = name.rpartition(".")
         parent = unet.get_submodule(parent_name)
         new.backend = config.backend

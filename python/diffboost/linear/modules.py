@@ -55,6 +55,18 @@ def check_projection_mid_dim(mid_dim: Any, where: str) -> None:
         raise ValueError(f"{where}: projection_mid_dim must be None, -1 or a positive int, got {mid_dim!r}")
 
 
+def _as_linear(module: nn.Module, name: str) -> nn.Linear:
+    """``module`` as an ``nn.Linear``: itself, or the dequantized fp32 copy of a layer quantized by
+    :mod:`diffboost.quant` (which has ``to_linear``)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if callable(getattr(module, "to_linear", None)):
+        return module.to_linear(torch.float32)
+    raise ValueError(
+        f"{name} is a {type(module).__name__}, not an nn.Linear: cannot initialise linear attention from it"
+    )
+
+
 class GeneralizedLinearAttention(nn.Module):
     """LinFusion's linear self-attention: residual non-linear projections on Q and K, ``phi = elu + 1``.
 
@@ -109,31 +121,29 @@ class GeneralizedLinearAttention(nn.Module):
         cls, attn: nn.Module, projection_mid_dim: Optional[int] = None, name: str = "attention"
     ) -> "GeneralizedLinearAttention":
         """A linear attention initialised from a diffusers self-attention: copies of its ``to_q``/``to_k``/``to_v``/
-        ``to_out`` (the original is not touched), ``f = 0``; same device and dtype."""
+        ``to_out`` (the original is not touched), ``f = 0``; same device and dtype.
+
+        A projection quantized by :mod:`diffboost.quant` is copied as its dequantized ``nn.Linear`` (the linear
+        attention's own layers are float; fp32 then, as the quantized layer keeps no compute dtype).
+        """
         check_self_attention(attn, name)
-        for proj in ("to_q", "to_k", "to_v"):
-            if not isinstance(getattr(attn, proj), nn.Linear):
-                raise ValueError(
-                    f"{name}.{proj} is a {type(getattr(attn, proj)).__name__}, not an nn.Linear: cannot initialise "
-                    "linear attention from it (load distilled weights instead, or apply quantization afterwards)"
-                )
-        if not isinstance(attn.to_out[0], nn.Linear):
-            raise ValueError(f"{name}.to_out.0 is a {type(attn.to_out[0]).__name__}, not an nn.Linear")
+        projections = {proj: _as_linear(getattr(attn, proj), f"{name}.{proj}") for proj in ("to_q", "to_k", "to_v")}
+        projections["to_out"] = _as_linear(attn.to_out[0], f"{name}.to_out.0")
         dropout = attn.to_out[1].p if len(attn.to_out) > 1 and isinstance(attn.to_out[1], nn.Dropout) else 0.0
         new = cls(
             attn.inner_dim,
             attn.heads,
             projection_mid_dim,
-            qkv_bias=attn.to_q.bias is not None,
-            out_bias=attn.to_out[0].bias is not None,
+            qkv_bias=projections["to_q"].bias is not None,
+            out_bias=projections["to_out"].bias is not None,
             dropout=dropout,
         )
-        weight = attn.to_q.weight
+        weight = projections["to_q"].weight
         new.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             for proj in ("to_q", "to_k", "to_v"):
-                getattr(new, proj).load_state_dict(getattr(attn, proj).state_dict())
-            new.to_out[0].load_state_dict(attn.to_out[0].state_dict())
+                getattr(new, proj).load_state_dict(projections[proj].state_dict())
+            new.to_out[0].load_state_dict(projections["to_out"].state_dict())
         return new
 
     def forward(
