@@ -6,6 +6,7 @@ images against the float pipeline's on the same seed; the numbers are printed (`
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 
@@ -320,12 +321,35 @@ def test_linear_attention_starts_from_the_quantized_projections(tiny_sd):
     assert torch.isfinite(generate(fresh)).all()
 
 
-def test_a_feature_failing_after_a_quantization_leaves_it_installed_and_says_so(tiny_sd, tmp_path):
-    """The quantization of this very call cannot be undone (keep_original=False): the feature's own error
+def test_a_request_that_cannot_apply_fails_before_quantizing(tiny_sd, tiny_flux, tmp_path):
+    """A feature whose config does not fit the pipeline raises before the (slow, irreversible) quantization of the
+    same call runs: nothing is calibrated, nothing changes."""
+    runs = []
+    for pipe, features, error in [
+        (tiny_sd, {"linear_attention": str(tmp_path)}, "not a LinFusion checkpoint"),
+        (tiny_flux, {"cache": diffboost.DeepCacheConfig(interval=2)}, "needs a UNet2DConditionModel"),
+        (tiny_flux, {"linear_attention": True}, "has no unet"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            diffboost.patch(pipe, quant=CONFIG, calibration=lambda target: runs.append(1), **features)
+        assert not diffboost.is_patched(pipe)
+        assert not any(isinstance(m, Int4Linear) for m in pipe.components[
+            "unet" if "unet" in pipe.components else "transformer"].modules())
+    assert runs == []
+
+
+def test_a_feature_failing_after_a_quantization_leaves_it_installed_and_says_so(tiny_sd, monkeypatch):
+    """The quantization of this very call cannot be undone (keep_original=False): the failing feature's own error
     propagates, with a note that quant= stays, and the state still records the quantization."""
     pipe = tiny_sd
-    with pytest.raises(ValueError, match="not a LinFusion checkpoint") as info:
-        diffboost.patch(pipe, quant=CONFIG, linear_attention=str(tmp_path), calibration=calibration(pipe))
+    feature = diffboost.patching._FEATURES["attention"]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("attention install failed")
+
+    monkeypatch.setitem(diffboost.patching._FEATURES, "attention", dataclasses.replace(feature, install=fail))
+    with pytest.raises(RuntimeError, match="attention install failed") as info:
+        diffboost.patch(pipe, quant=CONFIG, attention="exact", calibration=calibration(pipe))
     assert any(note.startswith("diffboost.patch: quant= stays installed") for note in info.value.__notes__)
     assert diffboost.patching.patched_features(pipe) == ["quant"]
     assert any(isinstance(m, W4A4Linear) for m in pipe.unet.modules())

@@ -45,6 +45,9 @@ class Feature:
         persistent: see the module docstring; such a feature also provides ``check_uninstall``.
         check_uninstall: ``check_uninstall(pipe, state)`` raises (without changing anything) when ``uninstall``
             would fail.
+        check_install: ``check_install(pipe, config)`` raises ValueError (without changing anything) when ``config``
+            cannot apply to ``pipe``. :func:`patch` asks every requested feature before it installs any, so that a
+            request that cannot work fails before a slow or irreversible feature (quantization) runs.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Feature:
     options: tuple[str, ...] = ()
     persistent: bool = False
     check_uninstall: Callable[[Any, Any], None] = lambda pipe, state: None
+    check_install: Callable[[Any, Any], None] = lambda pipe, config: None
 
 
 _FEATURES: dict[str, Feature] = {}
@@ -148,6 +152,9 @@ def patch(pipe: Any, **features: Any) -> Any:
     for name, _, feature_state in leaving:
         known[name].check_uninstall(pipe, feature_state)
     _uninstall(pipe, leaving)
+    # Every request is checked against the pipeline as it now is before any is installed.
+    for name, config in configs.items():
+        known[name].check_install(pipe, config)
     kept_names = {name for name, _, _ in kept}
     added: list[tuple[str, Any, Any]] = []
     try:

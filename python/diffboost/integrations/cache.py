@@ -35,10 +35,17 @@ def _coerce(value: Any) -> CacheConfig | int:
 
 
 def install(pipe: Any, config: CacheConfig | int) -> StepTracker:
-    """Patch ``pipe`` for step caching and return the tracker that undoes it (:func:`uninstall`).
+    """Patch ``pipe`` for step caching and return the tracker that undoes it (:func:`uninstall`)."""
+    tracker = _tracker(pipe, config)
+    tracker.install()
+    return tracker
 
-    Raises ValueError (before touching anything) for a config that does not fit the pipeline's denoiser: a U-Net
-    config on a DiT or the reverse, a DeepCache branch the U-Net does not have, a bare module instead of a pipeline.
+
+def _tracker(pipe: Any, config: CacheConfig | int) -> StepTracker:
+    """The caches for ``pipe``, built but not installed (``pipe`` is not changed).
+
+    Raises ValueError for a config that does not fit the pipeline's denoiser: a U-Net config on a DiT or the
+    reverse, a DeepCache branch the U-Net does not have, a bare module instead of a pipeline.
     """
     from diffusers import UNet2DConditionModel
 
@@ -75,7 +82,6 @@ def install(pipe: Any, config: CacheConfig | int) -> StepTracker:
     tracker.caches.append(main)
     if is_unet and "controlnet" in found:
         tracker.caches.append(ControlNetCache(tracker, "controlnet", found["controlnet"], leader=main))
-    tracker.install()
     return tracker
 
 
@@ -91,5 +97,6 @@ register_feature(
         coerce=_coerce,
         install=install,
         uninstall=lambda pipe, tracker: uninstall(tracker),
+        check_install=_tracker,
     )
 )

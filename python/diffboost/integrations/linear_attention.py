@@ -106,6 +106,15 @@ def install(pipe: Any, config: LinearAttentionConfig) -> list[tuple[torch.nn.Mod
     return changed
 
 
+def check_install(pipe: Any, config: LinearAttentionConfig) -> None:
+    """ValueError, changing nothing, if ``config`` cannot apply to ``pipe``: no U-Net, or a checkpoint that does not
+    load or does not match the U-Net's self-attentions (initialising from the U-Net itself always fits)."""
+    unet = unet_of(pipe)
+    if config.weights is not None:
+        modules, source = _modules_for(unet, config)
+        modules.check_matches(unet, source)
+
+
 def uninstall(changed: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
     """Put back the original self-attention objects recorded by :func:`install`."""
     for parent, attribute, original in reversed(changed):
@@ -132,5 +141,6 @@ register_feature(
         coerce=_coerce,
         install=install,
         uninstall=lambda pipe, changed: uninstall(changed),
+        check_install=check_install,
     )
 )
