@@ -2,8 +2,9 @@
 
 A feature (attention, step caching, quantization, linear attention) is a config plus an install/uninstall pair,
 registered here with :func:`register_feature` by its module in :mod:`diffboost.integrations`. ``patch`` first undoes
-whatever diffboost installed before (so patching twice is safe and the last call wins), then installs the requested
-features in their registered order (layer replacements before processors, processors before forward wrappers).
+whatever diffboost installed before (so patching twice is safe and the last call wins), then checks every requested
+feature against the pipeline (so that a request that cannot apply fails before a slow one runs), then installs them in
+their registered order (layer replacements before processors, processors before forward wrappers).
 Only instances are touched: original objects (processors, modules, forwards) are kept and put back by ``unpatch`` in
 reverse order, so the pipeline computes bit for bit what it did before.
 

@@ -11,6 +11,7 @@ the starting point of distillation (undistilled, the output differs visibly from
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from typing import Any, Optional, Union
@@ -93,7 +94,7 @@ def install(pipe: Any, config: LinearAttentionConfig) -> list[tuple[torch.nn.Mod
     for name, new in modules.items():
         original = originals[name]
         # A self-attention quantized by diffboost.quant has no float parameters: the U-Net's then give the dtype.
-        like = next(p for p in (*original.parameters(), *unet.parameters()) if p.is_floating_point())
+        like = next(p for p in itertools.chain(original.parameters(), unet.parameters()) if p.is_floating_point())
         parent_name, _, attribute = name.rpartition(".")
         parent = unet.get_submodule(parent_name)
         new.backend = config.backend
