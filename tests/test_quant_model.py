@@ -333,8 +333,8 @@ def test_a_request_that_cannot_apply_fails_before_quantizing(tiny_sd, tiny_flux,
         with pytest.raises(ValueError, match=error):
             diffboost.patch(pipe, quant=CONFIG, calibration=lambda target: runs.append(1), **features)
         assert not diffboost.is_patched(pipe)
-        assert not any(isinstance(m, Int4Linear) for m in pipe.components[
-            "unet" if "unet" in pipe.components else "transformer"].modules())
+        for denoiser in diffboost.patching.denoisers(pipe).values():
+            assert not any(isinstance(m, Int4Linear) for m in denoiser.modules())
     assert runs == []
 
 

@@ -169,14 +169,9 @@ def patch(pipe: Any, **features: Any) -> Any:
     except BaseException as exc:
         # Undo what this call installed, except a persistent feature that cannot be undone (a quantization without
         # its originals): it stays, recorded in the state as installed, and the error says so.
-        undoable = []
-        for entry in added:
-            try:
-                known[entry[0]].check_uninstall(pipe, entry[2])
-            except RuntimeError as why:
-                exc.add_note(f"diffboost.patch: {entry[0]}= stays installed: {why}")
-            else:
-                undoable.append(entry)
+        undoable, stuck = _split_undoable(pipe, added)
+        for (name, _, _), why in stuck:
+            exc.add_note(f"diffboost.patch: {name}= stays installed: {why}")
         _uninstall(pipe, undoable)
         raise
     return pipe
@@ -185,6 +180,20 @@ def patch(pipe: Any, **features: Any) -> Any:
 def _state(pipe: Any) -> list[tuple[str, Any, Any]]:
     """The installed features of ``pipe``: ``(name, config, state)`` in install order (the list itself)."""
     return getattr(pipe, _STATE_ATTR, [])
+
+
+def _split_undoable(pipe: Any, entries: list[tuple[str, Any, Any]]) -> tuple[list, list]:
+    """``entries`` split into those that can be uninstalled and ``(entry, error)`` pairs for those whose
+    ``check_uninstall`` refuses (a quantization without its originals), in the given order."""
+    undoable, stuck = [], []
+    for entry in entries:
+        try:
+            _FEATURES[entry[0]].check_uninstall(pipe, entry[2])
+        except RuntimeError as exc:
+            stuck.append((entry, exc))
+        else:
+            undoable.append(entry)
+    return undoable, stuck
 
 
 def _uninstall(pipe: Any, entries: list[tuple[str, Any, Any]]) -> None:
@@ -203,17 +212,10 @@ def unpatch(pipe: Any) -> Any:
     A quantization made without ``keep_original`` cannot be undone: the other features are removed and the error
     raised says how to get the original weights back.
     """
-    state = _state(pipe)
-    stuck, error = [], None
-    for entry in reversed(list(state)):
-        try:
-            _FEATURES[entry[0]].check_uninstall(pipe, entry[2])
-        except RuntimeError as exc:
-            stuck.append(entry)
-            error = error or exc
-    _uninstall(pipe, [entry for entry in state if not any(entry is s for s in stuck)])
-    if error is not None:
-        raise error
+    undoable, stuck = _split_undoable(pipe, list(_state(pipe)))
+    _uninstall(pipe, undoable)
+    if stuck:
+        raise stuck[-1][1]  # the newest, as when they were checked newest first
     return pipe
 
 
